@@ -1,0 +1,298 @@
+"""config.toml -> typed, validated settings.
+
+Every key of DESIGN section 3 has a default except where noted. Unknown keys and
+wrong types raise :class:`ConfigError` naming the offending key and the file.
+Relative paths (spool, weights, SQLite database) are resolved against the
+directory holding the config file, so the node behaves the same whatever the
+working directory of the process is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_VAR = "LDCT_NODE_CONFIG"
+DEFAULT_FILE = "config.toml"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+_UID_ROOT_RE = re.compile(r"^([0-9]+(\.[0-9]+)*\.?)?$")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not _AE_RE.match(value) or not stripped:
+        raise ValueError("must be 1-16 printable characters without backslash")
+    return stripped
+
+
+class NodeSettings(_Section):
+    ae_title: str = "LDCT_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(10, ge=1)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class SecuritySettings(_Section):
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SecuritySettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+class StorageSettings(_Section):
+    spool_dir: str = "var/spool"
+    database_url: str = "sqlite:///var/ldct-node.db"
+    retention_days: float = Field(7, ge=0)
+    min_free_gb: float = Field(5, ge=0)
+
+    @field_validator("retention_days", "min_free_gb", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        # TOML distinguishes 7 from 7.0; both are fine here.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class SeriesSettings(_Section):
+    stable_seconds: float = Field(30, ge=0)
+    accept_sop_classes: list[str] = Field(default_factory=lambda: [CT_IMAGE_STORAGE])
+    skip_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    ignore_derived: bool = True
+
+    @field_validator("stable_seconds", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ModelSettings(_Section):
+    weights_dir: str = "weights"
+    batch_size: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["float32", "bfloat16", "mixed_float16"] = "float32"
+
+
+class OutputProfile(_Section):
+    name: str = "denoised"
+    blend: float = Field(0.0, ge=0.0, le=1.0)
+    series_description_suffix: str = " [LDCT denoised]"
+    series_number_offset: int = 1000
+
+    @field_validator("blend", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class ForwardSettings(_Section):
+    max_attempts: int = Field(10, ge=1)
+    backoff_seconds: list[float] = Field(default_factory=lambda: [10.0, 30.0, 60.0, 300.0, 900.0])
+
+    @field_validator("backoff_seconds", mode="before")
+    @classmethod
+    def _floats(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("backoff_seconds")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("must be a non-empty list of seconds >= 0")
+        return value
+
+    def delay_for(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        index = min(max(attempt, 1), len(self.backoff_seconds)) - 1
+        return self.backoff_seconds[index]
+
+
+class DicomSettings(_Section):
+    uid_root: str = ""
+    image_comments: str = "Denoised by ldct-node; not for primary diagnosis without validation"
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        if not _UID_ROOT_RE.match(value) or len(value) > 40:
+            raise ValueError("must be a dotted numeric UID root of at most 40 characters")
+        if value and not value.endswith("."):
+            value += "."
+        return value
+
+
+class Settings(_Section):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    outputs: list[OutputProfile] = Field(default_factory=lambda: [OutputProfile()])
+    destinations: list[Destination] = Field(default_factory=list)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+
+    # Where the file lives; relative paths resolve against it. Not a TOML key.
+    base_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for kind, names in (
+            ("outputs", [o.name for o in self.outputs]),
+            ("destinations", [d.name for d in self.destinations]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind}: duplicate name(s) {', '.join(dupes)}")
+        if not self.outputs:
+            raise ValueError("outputs: at least one [[outputs]] profile is needed")
+        return self
+
+    # -- resolved paths -------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        """A path from the config, made absolute against the config file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.resolve(self.storage.spool_dir)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.resolve(self.model.weights_dir)
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL, with a relative SQLite path made absolute."""
+        url = self.storage.database_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith("sqlite:////"):
+            rest = url[len(prefix) :]
+            if rest and rest != ":memory:":
+                return prefix + str(self.resolve(rest))
+        return url
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise KeyError(f"no destination named {name!r} (known: {known})")
+
+
+def default_config_path() -> Path:
+    """``$LDCT_NODE_CONFIG``, else ``./config.toml`` (DESIGN section 2)."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else Path(DEFAULT_FILE)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    """('outputs', 0, 'blend') -> 'outputs[0].blend'."""
+    text = ""
+    for item in loc:
+        text += f"[{item}]" if isinstance(item, int) else (f".{item}" if text else str(item))
+    return text
+
+
+def parse_settings(data: dict[str, Any], source: str = "<config>", base_dir: str = ".") -> Settings:
+    """Validate a parsed TOML mapping.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first offending key (dotted, e.g. ``node.port``) and ``source``.
+    """
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: unknown key 'base_dir'")
+    try:
+        return Settings.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _format_loc(tuple(err["loc"])) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key '{key}'") from None
+        if err["type"] == "missing":
+            raise ConfigError(f"{source}: missing required key '{key}'") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        raise ConfigError(f"{source}: invalid value for '{key}': {msg}{shown}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate a config file (``None``: the default location).
+
+    A missing default file gives the built-in defaults; a missing explicit file is an error.
+    """
+    explicit = path is not None or ENV_VAR in os.environ
+    cfg_path = Path(path) if path is not None else default_config_path()
+    if not cfg_path.exists():
+        if explicit:
+            raise ConfigError(f"{cfg_path}: config file not found")
+        return parse_settings({}, source="<defaults>", base_dir=str(Path.cwd()))
+    try:
+        data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{cfg_path}: cannot read: {exc.strerror}") from None
+    return parse_settings(data, source=str(cfg_path), base_dir=str(cfg_path.resolve().parent))

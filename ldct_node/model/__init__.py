@@ -1,0 +1,1 @@
+"""The denoising cascade: networks, losses, simulation, data, training, inference."""
