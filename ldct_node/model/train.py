@@ -1,0 +1,399 @@
+"""The two-stage trainer (DESIGN section 6).
+
+Stage 1: the perceptual DRL learns LDCT -> NDCT with MSE + 0.1 x VGG16 perceptual loss.
+Stage 2: the difference DRL learns, with MSE, to predict ``Y_hat - Y`` from ``Y_hat``
+(the stage-1 output), so inference computes ``final = Y_hat - diff_pred``.
+
+Everything lands in the output folder::
+
+    OUT/drl_perceptual.weights.h5, OUT/drl_difference.weights.h5, OUT/MANIFEST.json
+    OUT/checkpoints/        per-epoch weights + state.json (what ``--resume`` reads)
+    OUT/logs/stage1.csv, OUT/logs/stage2.csv (+ TensorBoard event files when available)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldct_node import __version__
+from ldct_node.model.cascade import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    HU_MIN,
+    HU_RANGE,
+    model_to_hu,
+    sha256_file,
+)
+from ldct_node.model.data import (
+    PairedSlices,
+    PatchSet,
+    extract_patches,
+    find_cases,
+    load_case,
+    split_cases,
+)
+
+logger = logging.getLogger(__name__)
+
+STAGE_FILES = {1: "drl_perceptual.weights.h5", 2: "drl_difference.weights.h5"}
+STAGE_BUILDERS = {1: "drl_perceptual", 2: "drl_difference"}
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainOptions:
+    """The training recipe; defaults are the paper's."""
+
+    data_dir: Path
+    output_dir: Path
+    epochs_perceptual: int = 15
+    epochs_difference: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    perceptual_weight: float = 0.1
+    vgg_weights: str = "imagenet"
+    patch_size: int = 64
+    stride: int = 32
+    max_air_fraction: float = 0.5
+    val_fraction: float = 0.1
+    max_patches: int | None = None
+    seed: int = 0
+    resume: bool = False
+    verbose: int = 1
+    extra_provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("epochs_perceptual", "epochs_difference"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError("learning_rate must be > 0")
+        if self.max_patches is not None and self.max_patches < 1:
+            raise ValueError("max_patches must be >= 1")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_weights_atomic(model: Any, path: Path) -> None:
+    tmp = path.with_name(path.stem.removesuffix(".weights") + ".tmp.weights.h5")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_patches(
+    opts: TrainOptions, *, on_case: Callable[[str], None] | None = None
+) -> tuple[PatchSet, list[PairedSlices]]:
+    """Load every case, split by case into train/validation, cut patches."""
+    rng = np.random.default_rng(opts.seed)
+    cases = find_cases(opts.data_dir)
+    train_ids, val_ids = split_cases([c.case_id for c in cases], opts.val_fraction, rng)
+    loaded: list[PairedSlices] = []
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "val": []}
+    for case in cases:
+        pair = load_case(case)
+        loaded.append(pair)
+        low, full = extract_patches(
+            pair.ldct,
+            pair.ndct,
+            patch_size=opts.patch_size,
+            stride=opts.stride,
+            max_air_fraction=opts.max_air_fraction,
+        )
+        parts["val" if case.case_id in val_ids else "train"].append((low, full))
+        if on_case is not None:
+            on_case(case.case_id)
+
+    def stack(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        if not items:
+            empty = np.zeros((0, opts.patch_size, opts.patch_size, 1), np.float32)
+            return empty, empty.copy()
+        return np.concatenate([i[0] for i in items]), np.concatenate([i[1] for i in items])
+
+    train_low, train_full = stack(parts["train"])
+    val_low, val_full = stack(parts["val"])
+    if len(train_low) == 0:
+        raise ValueError(f"{opts.data_dir}: no training patches (all air, or images too small?)")
+    order = rng.permutation(len(train_low))
+    if opts.max_patches is not None:
+        order = order[: opts.max_patches]
+    patches = PatchSet(
+        train_ldct=train_low[order],
+        train_ndct=train_full[order],
+        val_ldct=val_low,
+        val_ndct=val_full,
+        train_cases=train_ids,
+        val_cases=val_ids,
+    )
+    return patches, loaded
+
+
+def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
+    """A Keras callback writing per-epoch weights + state.json atomically."""
+    import keras
+
+    class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            _save_weights_atomic(self.model, ckpt_dir / f"stage{stage}.weights.h5")
+            _atomic_write_text(
+                ckpt_dir / STATE_FILE, json.dumps({"stage": stage, "epochs_done": epoch + 1})
+            )
+
+    return Checkpoint()
+
+
+def _read_state(ckpt_dir: Path) -> dict[str, int]:
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file():
+        return {"stage": 1, "epochs_done": 0}
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return {"stage": int(state["stage"]), "epochs_done": int(state["epochs_done"])}
+
+
+def _fit_stage(
+    stage: int,
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    epochs: int,
+    initial_epoch: int,
+    opts: TrainOptions,
+) -> list[dict[str, float]]:
+    import keras
+
+    ckpt_dir = opts.output_dir / "checkpoints"
+    log_dir = opts.output_dir / "logs"
+    callbacks: list[Any] = [
+        keras.callbacks.CSVLogger(str(log_dir / f"stage{stage}.csv"), append=initial_epoch > 0),
+        _checkpoint_callback(stage, ckpt_dir),
+    ]
+    if keras.backend.backend() == "tensorflow":
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir / f"tb_stage{stage}")))
+    if initial_epoch >= epochs:
+        logger.info("stage %d: %d/%d epochs already done", stage, initial_epoch, epochs)
+        return []
+    history = model.fit(
+        x,
+        y,
+        batch_size=opts.batch_size,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        validation_data=val if val is not None and len(val[0]) else None,
+        callbacks=callbacks,
+        shuffle=True,
+        verbose=opts.verbose,
+    )
+    n = len(next(iter(history.history.values()), []))
+    return [{k: float(v[i]) for k, v in history.history.items()} for i in range(n)]
+
+
+def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
+    """RMSE vs NDCT and std of the difference to NDCT, in HU, before and after."""
+
+    def rmse(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((model_to_hu(a) - model_to_hu(b)) ** 2)))
+
+    def diff_std(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.std(model_to_hu(a) - model_to_hu(b)))
+
+    return {
+        "rmse_hu_ldct_vs_ndct": rmse(ldct, ndct),
+        "rmse_hu_denoised_vs_ndct": rmse(denoised, ndct),
+        "std_hu_ldct_minus_ndct": diff_std(ldct, ndct),
+        "std_hu_denoised_minus_ndct": diff_std(denoised, ndct),
+    }
+
+
+def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
+    """Run both stages and write weights + MANIFEST.json into ``opts.output_dir``.
+
+    Parameters
+    ----------
+    opts
+        The recipe and folders.
+    vgg_extractor
+        A feature extractor to use instead of loading ``opts.vgg_weights`` (tests pass
+        a small random one).
+
+    Returns
+    -------
+    dict
+        The manifest written.
+    """
+    import keras
+
+    from ldct_node.model.losses import load_vgg_extractor, make_perceptual_mse_loss
+    from ldct_node.model.networks import build_drl_difference, build_drl_perceptual
+
+    opts.validate()
+    out = opts.output_dir
+    ckpt_dir = out / "checkpoints"
+    for d in (out, ckpt_dir, out / "logs"):
+        d.mkdir(parents=True, exist_ok=True)
+    state = _read_state(ckpt_dir) if opts.resume else {"stage": 1, "epochs_done": 0}
+    if not opts.resume and (ckpt_dir / STATE_FILE).exists():
+        raise FileExistsError(
+            f"{out} holds a previous run's checkpoints: pass --resume to continue it, "
+            "or choose another --output"
+        )
+    if state["stage"] >= 3:  # a finished run: nothing left to fit, rebuild the outputs
+        state = {"stage": 2, "epochs_done": opts.epochs_difference}
+    keras.utils.set_random_seed(opts.seed)
+
+    patches, _ = load_patches(opts)
+    logger.info(
+        "patches: %d train (%d cases), %d validation (%d cases)",
+        len(patches.train_ldct),
+        len(patches.train_cases),
+        len(patches.val_ldct),
+        len(patches.val_cases),
+    )
+    val = (patches.val_ldct, patches.val_ndct) if len(patches.val_ldct) else None
+    history: dict[str, list[dict[str, float]]] = {}
+
+    # Stage 1: perceptual DRL, LDCT -> NDCT.
+    net1 = build_drl_perceptual()
+    extractor = vgg_extractor if vgg_extractor is not None else load_vgg_extractor(opts.vgg_weights)
+    net1.compile(
+        optimizer=keras.optimizers.Adam(opts.learning_rate),
+        loss=make_perceptual_mse_loss(extractor, opts.perceptual_weight),
+        metrics=["mse"],
+    )
+    stage1_done = state["stage"] > 1
+    if opts.resume and (stage1_done or state["epochs_done"] > 0):
+        net1.load_weights(str(ckpt_dir / "stage1.weights.h5"))
+    if not stage1_done:
+        history["stage1"] = _fit_stage(
+            1,
+            net1,
+            patches.train_ldct,
+            patches.train_ndct,
+            val,
+            epochs=opts.epochs_perceptual,
+            initial_epoch=state["epochs_done"] if state["stage"] == 1 else 0,
+            opts=opts,
+        )
+        _save_weights_atomic(net1, ckpt_dir / "stage1.weights.h5")
+        _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps({"stage": 2, "epochs_done": 0}))
+        state = {"stage": 2, "epochs_done": 0}
+
+    # Stage 2: difference DRL on stage-1 predictions, target Y_hat - Y.
+    y_hat_train = _predict(net1, patches.train_ldct, opts.batch_size)
+    y_hat_val = _predict(net1, patches.val_ldct, opts.batch_size) if val is not None else None
+    net2 = build_drl_difference()
+    net2.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="mse")
+    if opts.resume and state["epochs_done"] > 0:
+        net2.load_weights(str(ckpt_dir / "stage2.weights.h5"))
+    history["stage2"] = _fit_stage(
+        2,
+        net2,
+        y_hat_train,
+        y_hat_train - patches.train_ndct,
+        (y_hat_val, y_hat_val - patches.val_ndct) if y_hat_val is not None and val else None,
+        epochs=opts.epochs_difference,
+        initial_epoch=state["epochs_done"],
+        opts=opts,
+    )
+
+    for stage, net in ((1, net1), (2, net2)):
+        _save_weights_atomic(net, out / STAGE_FILES[stage])
+
+    metrics: dict[str, Any] = {}
+    eval_low, eval_full = (
+        (patches.val_ldct, patches.val_ndct) if val is not None else
+        (patches.train_ldct, patches.train_ndct)
+    )
+    y_hat = _predict(net1, eval_low, opts.batch_size)
+    final = y_hat - _predict(net2, y_hat, opts.batch_size)
+    metrics["patches_" + ("validation" if val is not None else "training")] = {
+        **patch_metrics(eval_low, eval_full, final),
+        "rmse_hu_stage1_vs_ndct": patch_metrics(eval_low, eval_full, y_hat)[
+            "rmse_hu_denoised_vs_ndct"
+        ],
+        "n_patches": len(eval_low),
+    }
+    manifest = write_manifest(opts, patches, metrics, history)
+    _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps({"stage": 3, "epochs_done": 0}))
+    return manifest
+
+
+def write_manifest(
+    opts: TrainOptions,
+    patches: PatchSet,
+    metrics: dict[str, Any],
+    history: dict[str, list[dict[str, float]]],
+) -> dict[str, Any]:
+    """MANIFEST.json: what inference loads (networks + sha256) and the provenance."""
+    import keras
+
+    out = opts.output_dir
+    digests = {stage: sha256_file(out / name) for stage, name in STAGE_FILES.items()}
+    stamp = dt.datetime.now(dt.UTC)
+    version = f"drlc-{stamp:%Y%m%d}-{digests[1][:6]}{digests[2][:6]}"
+    sim_json = opts.data_dir / "simulation.json"
+    recipe = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(opts).items()
+        if k not in ("output_dir", "verbose", "resume", "extra_provenance")
+    }
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "model_version": version,
+        "created": stamp.isoformat(timespec="seconds"),
+        "networks": {
+            role: {
+                "builder": STAGE_BUILDERS[stage],
+                "file": STAGE_FILES[stage],
+                "sha256": digests[stage],
+                "parameters": 225601,
+            }
+            for stage, role in ((1, "perceptual"), (2, "difference"))
+        },
+        "inference": {
+            "final": "Y_hat - diff_pred",
+            "model_range": {"hu_min": HU_MIN, "hu_range": HU_RANGE},
+        },
+        "recipe": recipe,
+        "data": {
+            "train_cases": patches.train_cases,
+            "validation_cases": patches.val_cases,
+            "n_train_patches": len(patches.train_ldct),
+            "n_validation_patches": len(patches.val_ldct),
+            "simulation": (
+                json.loads(sim_json.read_text(encoding="utf-8")) if sim_json.is_file() else None
+            ),
+            **opts.extra_provenance,
+        },
+        "metrics": metrics,
+        "history": history,
+        "software": {
+            "ldct_node": __version__,
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+            "python": platform.python_version(),
+        },
+    }
+    _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    logger.info("wrote %s (model version %s)", out / MANIFEST_NAME, version)
+    return manifest
