@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -61,7 +61,7 @@ class UsageError(Exception):
     """Bad usage or configuration: exit status 2."""
 
 
-class Failure(Exception):
+class CommandFailedError(Exception):
     """The command ran and failed: exit status 1."""
 
 
@@ -86,7 +86,8 @@ def _errors() -> Iterator[None]:
     except Exception as exc:
         if _state["debug"]:
             console.print_exception()
-        _fail(f"{exc}" if isinstance(exc, Failure) else f"{type(exc).__name__}: {exc}", 1)
+        shown = str(exc) if isinstance(exc, CommandFailedError) else f"{type(exc).__name__}: {exc}"
+        _fail(shown, 1)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -217,7 +218,7 @@ def denoise(
         for line in summary.lines():
             out.print(line, highlight=False)
         if summary.failed:
-            raise Failure(
+            raise CommandFailedError(
                 f"{summary.failed} of {summary.total} series failed; "
                 f"{summary.total - summary.failed} written to {output}"
             )
@@ -320,7 +321,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
-    command: Callable[..., Any] = typer.main.get_command(app)
+    command = typer.main.get_command(app)
     try:
         # Non-standalone click returns the exit code of typer.Exit instead of raising.
         rc = command.main(args=argv, prog_name="ldct-node", standalone_mode=False)

@@ -149,7 +149,9 @@ class ForwardSettings(_Section):
     @classmethod
     def _floats(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+            return [
+                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
+            ]
         return value
 
     @field_validator("backoff_seconds")

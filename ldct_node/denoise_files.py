@@ -135,4 +135,3 @@ def run_denoise(
                 outcome.error = str(exc)
                 logger.error("series %s failed: %s", group.series_uid, exc)
     return summary
-

@@ -463,8 +463,12 @@ def _pixel_data_problem(fh: BinaryIO, ds: Dataset, file_size: int) -> str | None
         return "pixel data missing (file truncated?)" if "Rows" in ds else None
     meta = getattr(ds, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None)
-    little = True if syntax is None else bool(syntax.is_little_endian)
-    implicit = False if syntax is None else bool(syntax.is_implicit_VR)
+    if syntax is None:
+        # No file meta: use the encoding dcmread detected for the data set.
+        implicit_or_none, little_or_none = ds.original_encoding
+        implicit, little = bool(implicit_or_none), little_or_none is not False
+    else:
+        implicit, little = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
     if syntax is not None and syntax.is_deflated:
         return None  # the stream is compressed; the decoder will find any damage
     end = "<" if little else ">"

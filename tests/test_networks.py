@@ -156,7 +156,7 @@ def test_flops_per_pixel() -> None:
 
 def test_flops_per_pixel_rejects_bad_models() -> None:
     with pytest.raises(TypeError, match="model"):
-        model_flops_per_pixel("drl")  # type: ignore[arg-type]
+        model_flops_per_pixel("drl")
     image = keras.Input((None, None, 1))
     strided = keras.Model(image, keras.layers.Conv2D(4, 3, strides=2)(image))
     with pytest.raises(ValueError, match="strides"):

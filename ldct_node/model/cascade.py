@@ -125,7 +125,7 @@ def _device_scope(device: str) -> contextlib.AbstractContextManager[Any]:
             target = jax.devices(device)[0]
         except RuntimeError as exc:
             raise WeightsError(f"model.device = {device!r} but JAX has none: {exc}") from None
-        return jax.default_device(target)  # type: ignore[no-any-return]
+        return jax.default_device(target)
     return contextlib.nullcontext()
 
 

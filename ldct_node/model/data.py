@@ -75,7 +75,9 @@ def find_cases(data_dir: Path) -> list[PairedCase]:
 
 def _load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """HU stack and slice positions of the single series in ``folder``."""
-    from ldct_node.dicomio import decode_hu, scan_inputs
+    import pydicom
+
+    from ldct_node.dicomio import decode_hu, scan_inputs, slice_normal, slice_position
 
     scan = scan_inputs([folder])
     for problem in scan.problems:
@@ -83,12 +85,15 @@ def _load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if len(scan.series) != 1:
         raise DataError(f"{folder}: expected one DICOM series, found {len(scan.series)}")
     group = scan.series[0]
-    import pydicom
-
+    normal = slice_normal(group.instances[0][1])
+    positions = []
+    for index, (_, header) in enumerate(group.instances):
+        z = slice_position(header, normal)
+        positions.append(float(index) if z is None else z)
     slices = [decode_hu(pydicom.dcmread(path)) for path in group.paths]
     if len({s.shape for s in slices}) != 1:
         raise DataError(f"{folder}: slices of different sizes")
-    return np.stack(slices), np.asarray(group.positions, dtype=np.float64)
+    return np.stack(slices), np.asarray(positions, dtype=np.float64)
 
 
 def load_case(case: PairedCase) -> PairedSlices:
@@ -113,9 +118,7 @@ def load_case(case: PairedCase) -> PairedSlices:
         len(z_low),
         len(keep),
     )
-    return PairedSlices(
-        case.case_id, ldct=ldct[[idx_low[i] for i in keep]], ndct=ndct[keep]
-    )
+    return PairedSlices(case.case_id, ldct=ldct[[idx_low[i] for i in keep]], ndct=ndct[keep])
 
 
 def extract_patches(
@@ -144,7 +147,9 @@ def extract_patches(
         float32 in model range, shape ``(P, patch_size, patch_size, 1)``.
     """
     if ldct.shape != ndct.shape or ldct.ndim != 3:
-        raise ValueError(f"ldct and ndct must be equal (N, H, W) stacks: {ldct.shape}, {ndct.shape}")
+        raise ValueError(
+            f"ldct and ndct must be equal (N, H, W) stacks: {ldct.shape}, {ndct.shape}"
+        )
     if patch_size < 1 or stride < 1:
         raise ValueError(f"patch_size and stride must be >= 1, got {patch_size}, {stride}")
     if patch_size > min(ldct.shape[1:]):

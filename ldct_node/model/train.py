@@ -27,10 +27,10 @@ import numpy as np
 
 from ldct_node import __version__
 from ldct_node.model.cascade import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
     HU_MIN,
     HU_RANGE,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
     model_to_hu,
     sha256_file,
 )
@@ -147,7 +147,7 @@ def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
     """A Keras callback writing per-epoch weights + state.json atomically."""
     import keras
 
-    class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
+    class Checkpoint(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             _save_weights_atomic(self.model, ckpt_dir / f"stage{stage}.weights.h5")
             _atomic_write_text(
@@ -321,8 +321,9 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
 
     metrics: dict[str, Any] = {}
     eval_low, eval_full = (
-        (patches.val_ldct, patches.val_ndct) if val is not None else
-        (patches.train_ldct, patches.train_ndct)
+        (patches.val_ldct, patches.val_ndct)
+        if val is not None
+        else (patches.train_ldct, patches.train_ndct)
     )
     y_hat = _predict(net1, eval_low, opts.batch_size)
     final = y_hat - _predict(net2, y_hat, opts.batch_size)
