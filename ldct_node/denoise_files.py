@@ -18,7 +18,7 @@ import pydicom
 from rich.progress import Progress
 
 from ldct_node.config import Settings
-from ldct_node.dicomio import InputError, processing_skip_reason, scan_inputs
+from ldct_node.dicomio import InputError, processing_skip_reason, read_instance, scan_inputs
 from ldct_node.model.cascade import Cascade
 from ldct_node.worker import denoise_series
 
@@ -115,7 +115,7 @@ def run_denoise(
             try:
                 datasets = []
                 for path in group.paths:
-                    ds = pydicom.dcmread(path)
+                    ds = read_instance(path)
                     reason = processing_skip_reason(ds, settings.series)
                     if reason is None:
                         datasets.append(ds)

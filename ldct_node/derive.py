@@ -143,7 +143,10 @@ def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
     without those that no longer apply to the derived image."""
     out = Dataset()
     for elem in source:  # iterating converts raw (deferred) elements as it goes
-        if _dropped(elem.tag) if top_level else elem.tag.is_private or elem.tag.element == 0:
+        # Inside sequence items only private tags and group lengths go; the rest of the
+        # drop list is about this image's own pixels and identity.
+        drop = _dropped(elem.tag) if top_level else elem.tag.is_private or elem.tag.element == 0
+        if drop:
             continue
         if elem.VR == "SQ":
             items = [_copy_public(item, top_level=False) for item in elem.value]
@@ -221,6 +224,25 @@ def _lossy_history(source: Dataset, out: Dataset) -> None:
         methods = _as_list(out.get("LossyImageCompressionMethod"))
         if method not in methods:
             out.LossyImageCompressionMethod = [*methods, method]
+
+
+def _charset_for_new_text(out: Dataset) -> None:
+    """Switch to UTF-8 when text we added (comments from the config, a suffix, the model
+    version) is not ASCII and the source character set is the default one.
+
+    The copied values are held decoded, so pydicom re-encodes them in UTF-8 on writing.
+    Sources that already declare a character set keep it: their values and ours are then
+    written in it, and a character it cannot hold fails loudly at write time.
+    """
+    texts = [
+        str(out.get(k, "") or "")
+        for k in ("ImageComments", "SeriesDescription", "DerivationDescription")
+    ]
+    if all(t.isascii() for t in texts):
+        return
+    charset = _as_list(out.get("SpecificCharacterSet"))
+    if not charset or charset == ["ISO_IR 6"]:
+        out.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _series_description(source: Dataset, suffix: str) -> str:
@@ -363,10 +385,13 @@ def derive_instance(
         del out.ImageComments
 
     _lossy_history(source, out)
-    if "RescaleSlope" not in out or "RescaleIntercept" not in out:
-        # CT requires them (type 1); decode/encode used slope 1, intercept 0.
-        out.RescaleSlope = source.get("RescaleSlope", 1) or 1
-        out.RescaleIntercept = source.get("RescaleIntercept", 0) or 0
+    _charset_for_new_text(out)
+    # CT requires the rescale (type 1); where the source lacked it, encode_like used the
+    # same defaults as decode_hu, so writing them keeps the HU meaning explicit.
+    if "RescaleSlope" not in out:
+        out.RescaleSlope = 1
+    if "RescaleIntercept" not in out:
+        out.RescaleIntercept = 0
 
     # Pixels: native little endian with the source's pixel format.
     out.PixelData = np.ascontiguousarray(stored).tobytes()

@@ -31,7 +31,14 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from ldct_node import __version__
 from ldct_node.config import CT_IMAGE_STORAGE, SeriesSettings
@@ -306,12 +313,36 @@ def _n_frames(ds: Dataset) -> int:
         return 1
 
 
+def _ensure_transfer_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of ``ds``; for a data set read without file meta (no preamble),
+    the encoding dcmread detected is recorded in ``ds.file_meta`` so pixels can be decoded."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax:
+        return UID(syntax)
+    implicit, little = ds.original_encoding
+    if little is False:
+        inferred = ExplicitVRBigEndian
+    else:
+        inferred = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    logger.debug(
+        "instance %s has no transfer syntax; using %s as read",
+        ds.get("SOPInstanceUID", "?"),
+        inferred.name,
+    )
+    if meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = inferred
+    return inferred
+
+
 def decode_hu(ds: Dataset) -> np.ndarray:
     """The HU image (float32, shape (Rows, Columns)) of one single-frame CT instance.
 
     Any transfer syntax pydicom can decode works (with the pylibjpeg plugins: JPEG
     lossless, JPEG 2000, RLE). RescaleSlope/RescaleIntercept are applied; without them
-    the stored values are taken as HU.
+    the stored values are taken as HU. A data set read from a file without file meta gets
+    ``file_meta.TransferSyntaxUID`` filled in from the encoding it was read with.
 
     Raises
     ------
@@ -333,12 +364,22 @@ def decode_hu(ds: Dataset) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InputError(f"instance {uid}: missing or invalid Rows/Columns") from exc
+    syntax = _ensure_transfer_syntax(ds)
+    if not syntax.is_encapsulated:
+        # pydicom tolerates excess native pixel data (it warns and trims); a header that
+        # disagrees with the data is a broken instance, not something to guess around.
+        expected = rows * cols * (int(ds.get("BitsAllocated") or 16) // 8)
+        actual = len(ds.PixelData)
+        if actual not in (expected, expected + 1):
+            raise InputError(
+                f"instance {uid}: pixel data has {actual} bytes, {rows}x{cols} needs {expected}"
+            )
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoders raise many types (ValueError, RuntimeError, ...)
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
-        raise InputError(f"instance {uid}: cannot decode pixel data ({name}): {exc}") from exc
+        raise InputError(
+            f"instance {uid}: cannot decode pixel data ({syntax.name}): {exc}"
+        ) from exc
     if stored.shape != (rows, cols):
         raise InputError(
             f"instance {uid}: decoded pixel data has shape {stored.shape}, "
@@ -436,7 +477,10 @@ def _iter_files(paths: Sequence[Path], problems: list[InputProblem]) -> Iterator
         root = Path(raw)
         if root.is_dir():
             candidates = sorted(p for p in root.rglob("*") if p.is_file())
-            candidates = [p for p in candidates if not _is_hidden(p, root)]
+            # Hidden files (editor backups, .DS_Store) and DICOMDIR indexes are no instances.
+            candidates = [
+                p for p in candidates if not _is_hidden(p, root) and p.name.upper() != "DICOMDIR"
+            ]
         elif root.is_file():
             candidates = [root]
         else:
@@ -499,17 +543,7 @@ def _pixel_data_problem(fh: BinaryIO, ds: Dataset, file_size: int) -> str | None
     return None
 
 
-def read_header(path: Path) -> Dataset:
-    """Read the header of one DICOM file without its pixel data.
-
-    Files without the 128-byte preamble are accepted when they parse as DICOM and carry a
-    SOPClassUID.
-
-    Raises
-    ------
-    InputError
-        Not DICOM, unreadable, or an image whose pixel data is cut short.
-    """
+def _read(path: Path, *, header_only: bool) -> Dataset:
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -524,6 +558,9 @@ def read_header(path: Path) -> Dataset:
             if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
                 raise InputError("not a DICOM instance (no SOPClassUID/SOPInstanceUID)")
             problem = _pixel_data_problem(fh, ds, size)
+            if not problem and not header_only:
+                fh.seek(0)
+                ds = dcmread(fh, force=True)
     except InputError:
         raise
     except OSError as exc:
@@ -533,6 +570,34 @@ def read_header(path: Path) -> Dataset:
     if problem:
         raise InputError(problem)
     return ds
+
+
+def read_header(path: Path) -> Dataset:
+    """Read the header of one DICOM file without its pixel data.
+
+    Files without the 128-byte preamble are accepted when they parse as DICOM and carry a
+    SOPClassUID.
+
+    Raises
+    ------
+    InputError
+        Not DICOM, unreadable, or an image whose pixel data is cut short.
+    """
+    return _read(path, header_only=True)
+
+
+def read_instance(path: Path) -> Dataset:
+    """Read one DICOM file with its pixel data, by the same rules as :func:`read_header`.
+
+    Use it for files :func:`scan_inputs` accepted: plain ``dcmread`` refuses files without
+    the preamble that the scan takes.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_header`.
+    """
+    return _read(path, header_only=False)
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
@@ -625,11 +690,9 @@ def scan_inputs(paths: Sequence[Path]) -> ScanResult:
         sop_uid = str(ds.SOPInstanceUID)
         sops = seen_sops.setdefault(series_uid, set())
         if sop_uid in sops:
+            # UIDs only: file names may carry patient names.
             logger.warning(
-                "duplicate instance %s in series %s: keeping the first, ignoring %s",
-                sop_uid,
-                series_uid,
-                path.name,
+                "duplicate instance %s in series %s: keeping the first copy", sop_uid, series_uid
             )
             continue
         sops.add(sop_uid)

@@ -31,6 +31,7 @@ from ldct_node.dicomio import (
     encode_like,
     processing_skip_reason,
     read_header,
+    read_instance,
     scan_inputs,
     slice_position,
     write_ct_series,
@@ -168,10 +169,11 @@ def test_decode_rejects_corrupt_and_unsupported_pixel_data(tmp_path: Path) -> No
     with pytest.raises(InputError):
         decode_hu(short)
 
-    wrong_size = pydicom.dcmread(path)
-    wrong_size.Rows = 32  # pixel data holds 16 x 16
-    with pytest.raises(InputError):
-        decode_hu(wrong_size)
+    for rows in (32, 8):  # pixel data holds 16 x 16: too little, too much
+        wrong_size = pydicom.dcmread(path)
+        wrong_size.Rows = rows
+        with pytest.raises(InputError, match="bytes"):
+            decode_hu(wrong_size)
 
     garbage = pydicom.dcmread(path)
     garbage.file_meta.TransferSyntaxUID = JPEG2000Lossless
@@ -264,8 +266,8 @@ def test_scan_groups_interleaved_series_and_sorts_by_position(tmp_path: Path) ->
         assert group.modality == "CT"
         assert group.n_instances == len(expected[group.series_uid])
         assert all("PixelData" not in ds for _, ds in group.instances)  # headers only
-        zs = [slice_position(ds) for _, ds in group.instances]
-        assert zs == sorted(zs)
+        zs = [slice_position(ds) or 0.0 for _, ds in group.instances]
+        assert zs == sorted(zs) and len(set(zs)) == len(zs)
 
 
 def test_scan_sorts_sagittal_series_along_its_normal(tmp_path: Path) -> None:
@@ -366,10 +368,13 @@ def test_truncated_file_without_preamble_is_detected(tmp_path: Path, implicit: b
     bare = tmp_path / "bare.dcm"
     ds.save_as(bare, implicit_vr=implicit, little_endian=True)
     assert read_header(bare).SOPInstanceUID == ds.SOPInstanceUID
+    np.testing.assert_array_equal(decode_hu(read_instance(bare)), decode_hu(ds))
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(bare.read_bytes()[:-10])
     with pytest.raises(InputError, match="truncated"):
         read_header(cut)
+    with pytest.raises(InputError, match="truncated"):
+        read_instance(cut)
 
 
 def test_scan_rejects_single_path_argument(tmp_path: Path) -> None:

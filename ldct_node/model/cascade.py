@@ -262,7 +262,8 @@ class Cascade:
             for start in range(0, stack.shape[0], self.batch_size):
                 batch = hu_to_model(stack[start : start + self.batch_size])[..., None]
                 pred = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-                out[start : start + len(batch)] = model_to_hu(pred[..., 0])
+                # The networks never saw values outside the model range: clip to it.
+                out[start : start + len(batch)] = model_to_hu(np.clip(pred[..., 0], 0.0, 1.0))
                 if progress is not None:
                     progress(len(batch))
         outside = (stack < HU_MIN) | (stack > HU_MIN + HU_RANGE)

@@ -14,6 +14,7 @@ Everything lands in the output folder::
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -157,6 +158,14 @@ def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
     return Checkpoint()
 
 
+def _load_checkpoint(model: Any, path: Path) -> None:
+    """Weights and Adam moments: build the optimizer first so its state is restored too."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint missing; cannot --resume")
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(str(path))
+
+
 def _read_state(ckpt_dir: Path) -> dict[str, int]:
     path = ckpt_dir / STATE_FILE
     if not path.is_file():
@@ -184,7 +193,7 @@ def _fit_stage(
         keras.callbacks.CSVLogger(str(log_dir / f"stage{stage}.csv"), append=initial_epoch > 0),
         _checkpoint_callback(stage, ckpt_dir),
     ]
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tensorboard"):
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir / f"tb_stage{stage}")))
     if initial_epoch >= epochs:
         logger.info("stage %d: %d/%d epochs already done", stage, initial_epoch, epochs)
@@ -257,8 +266,8 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
             f"{out} holds a previous run's checkpoints: pass --resume to continue it, "
             "or choose another --output"
         )
-    if state["stage"] >= 3:  # a finished run: nothing left to fit, rebuild the outputs
-        state = {"stage": 2, "epochs_done": opts.epochs_difference}
+    if state["stage"] >= 3:  # a finished run: continue stage 2 if more epochs are asked for
+        state = {"stage": 2, "epochs_done": state["epochs_done"]}
     keras.utils.set_random_seed(opts.seed)
 
     patches, _ = load_patches(opts)
@@ -282,7 +291,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     )
     stage1_done = state["stage"] > 1
     if opts.resume and (stage1_done or state["epochs_done"] > 0):
-        net1.load_weights(str(ckpt_dir / "stage1.weights.h5"))
+        _load_checkpoint(net1, ckpt_dir / "stage1.weights.h5")
     if not stage1_done:
         history["stage1"] = _fit_stage(
             1,
@@ -304,7 +313,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     net2 = build_drl_difference()
     net2.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="mse")
     if opts.resume and state["epochs_done"] > 0:
-        net2.load_weights(str(ckpt_dir / "stage2.weights.h5"))
+        _load_checkpoint(net2, ckpt_dir / "stage2.weights.h5")
     history["stage2"] = _fit_stage(
         2,
         net2,
@@ -335,7 +344,10 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
         "n_patches": len(eval_low),
     }
     manifest = write_manifest(opts, patches, metrics, history)
-    _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps({"stage": 3, "epochs_done": 0}))
+    _atomic_write_text(
+        ckpt_dir / STATE_FILE,
+        json.dumps({"stage": 3, "epochs_done": max(opts.epochs_difference, state["epochs_done"])}),
+    )
     return manifest
 
 

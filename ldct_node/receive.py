@@ -1,0 +1,499 @@
+"""The receiving DICOM service: C-ECHO and C-STORE SCP (pynetdicom).
+
+Each C-STORE is answered only after the instance is durably in the spool and recorded
+in the job database, so a success status means nothing can be lost::
+
+    free space >= storage.min_free_gb?      no -> 0xA700 (nothing written)
+    header parses (no pixel decoding)?      no -> 0xC210
+    SOP/Series/Study UIDs present?          no -> 0xC212
+    SOP class/instance match the request?   no -> 0xA900 / 0xC213
+    already recorded (same SOP UID)?        yes -> 0x0000 (idempotent, nothing written)
+    spool.store_bytes(bytes as received) -> db.record_instance -> 0x0000
+
+The bytes are stored exactly as received (file meta built from the negotiated
+presentation context + the dataset bytes), whatever the transfer syntax; decoding
+happens in the worker. Instances that are not to be processed (localizers, derived or
+our own output, see :func:`ldct_node.dicomio.processing_skip_reason`) are stored with
+their skip reason and create no job. SOP classes not in ``series.accept_sop_classes``
+are not negotiated, so the association rejects their presentation contexts.
+
+Access control: ``security.allowed_calling_aets`` (A-ASSOCIATE-RJ permanent, service
+user, "calling AE title not recognised"), ``security.allowed_hosts`` (A-ASSOCIATE-RJ
+permanent, service user, "no reason given", sent from EVT_REQUESTED before any
+negotiation) and DICOM TLS with ``security.tls_cert``/``tls_key`` (``tls_ca``: client
+certificates required).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, cast
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ldct_node.config import SecuritySettings, Settings
+from ldct_node.db import Database, ReceivedInstance
+from ldct_node.dicomio import processing_skip_reason
+from ldct_node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+# -- DIMSE statuses returned by the C-STORE handler --------------------------------------
+SUCCESS = 0x0000
+#: Refused: out of resources (spool below ``storage.min_free_gb``); the sender retries.
+OUT_OF_RESOURCES = 0xA700
+#: Error: the dataset's SOPClassUID differs from the request's Affected SOP Class UID.
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: Error: cannot understand, the dataset could not be parsed.
+CANNOT_UNDERSTAND = 0xC210
+#: Error: an unexpected failure on our side (logged); the instance was not accepted.
+INTERNAL_ERROR = 0xC211
+#: Error: SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID missing or invalid.
+MISSING_UIDS = 0xC212
+#: Error: the dataset's SOPInstanceUID differs from the request's Affected SOP Instance UID.
+SOP_INSTANCE_MISMATCH = 0xC213
+
+# -- A-ASSOCIATE-RJ parameters -------------------------------------------------------------
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+REASON_NO_REASON_GIVEN = 0x01
+
+#: Transfer syntaxes accepted for storage, stored as received (never transcoded here).
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, non-hierarchical (process 14)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (lossless only)
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+VERIFICATION_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+
+ACSE_TIMEOUT_S = 30.0
+DIMSE_TIMEOUT_S = 60.0
+NETWORK_TIMEOUT_S = 60.0
+#: Largest P-DATA PDU we accept; bigger PDUs mean fewer round trips per instance.
+MAX_PDU_BYTES = 262_144
+
+
+@dataclass
+class AssociationStats:
+    """Counters of one association, logged when it closes."""
+
+    stored: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    refused: int = 0
+    failed: int = 0
+
+
+@dataclass
+class ReceiverContext:
+    """What the DIMSE handlers need; bound to them at registration."""
+
+    settings: Settings
+    db: Database
+    spool: Spool
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    _stats: dict[int, AssociationStats] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def profiles(self) -> list[str]:
+        return [profile.name for profile in self.settings.outputs]
+
+    def stats(self, assoc: Any) -> AssociationStats:
+        with self._lock:
+            return self._stats.setdefault(id(assoc), AssociationStats())
+
+    def pop_stats(self, assoc: Any) -> AssociationStats | None:
+        with self._lock:
+            return self._stats.pop(id(assoc), None)
+
+
+# --------------------------------------------------------------------------------------
+# Header parsing (no pixel data, no PHI leaves this module)
+# --------------------------------------------------------------------------------------
+
+
+class _RefusedError(Exception):
+    """A C-STORE refused with a specific status (internal control flow)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip(" \x00")
+    if not value or len(value) > 64:
+        raise _RefusedError(MISSING_UIDS, f"{keyword} missing or longer than 64 characters")
+    return value
+
+
+def _optional_int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def slice_position(ds: Dataset) -> float | None:
+    """Position of the slice along its normal (mm), for ordering; None if unknown.
+
+    With ImageOrientationPatient the position is projected on the slice normal, which
+    orders oblique and gantry-tilted stacks correctly; without it, the z coordinate.
+    """
+    try:
+        ipp = ds.get("ImagePositionPatient")
+        if ipp is None or len(ipp) != 3:
+            return None
+        position = np.asarray([float(v) for v in ipp], dtype=np.float64)
+        iop = ds.get("ImageOrientationPatient")
+        if iop is not None and len(iop) == 6:
+            row = np.asarray([float(v) for v in iop[:3]], dtype=np.float64)
+            col = np.asarray([float(v) for v in iop[3:]], dtype=np.float64)
+            normal = np.cross(row, col)
+            norm = float(np.linalg.norm(normal))
+            if norm > 1e-6:
+                value = float(position @ (normal / norm))
+                return value if np.isfinite(value) else None
+        value = float(position[2])
+        return value if np.isfinite(value) else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _read_header(data: bytes) -> Dataset:
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        # Touch the elements now: pydicom parses lazily and a corrupt value must be
+        # caught here, not later in another thread.
+        for elem in ds:
+            _ = elem.value
+    except Exception as exc:
+        raise _RefusedError(
+            CANNOT_UNDERSTAND, f"unparseable dataset ({type(exc).__name__})"
+        ) from exc
+    return ds
+
+
+# --------------------------------------------------------------------------------------
+# DIMSE handlers
+# --------------------------------------------------------------------------------------
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always success."""
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
+    """C-STORE: spool durably, record, then answer (see the module docstring)."""
+    stats = ctx.stats(event.assoc)
+    try:
+        status, outcome = _store(event, ctx)
+    except _RefusedError as exc:
+        stats.refused += 1
+        logger.warning(
+            "C-STORE from %s refused with 0x%04X: %s",
+            _peer(event.assoc),
+            exc.status,
+            exc.reason,
+        )
+        return exc.status
+    except Exception as exc:  # never let a handler failure take the server down
+        stats.failed += 1
+        logger.error(
+            "C-STORE from %s failed (%s); answered 0x%04X",
+            _peer(event.assoc),
+            type(exc).__name__,
+            INTERNAL_ERROR,
+        )
+        logger.debug("C-STORE failure details", exc_info=True)
+        return INTERNAL_ERROR
+    if outcome == "duplicate":
+        stats.duplicates += 1
+    else:
+        stats.stored += 1
+        if outcome == "skipped":
+            stats.skipped += 1
+    return status
+
+
+def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
+    request = cast(C_STORE, event.request)
+    data = event.encoded_dataset()  # preamble + file meta + dataset bytes as received
+    if not ctx.spool.has_space(ctx.settings.storage.min_free_gb, len(data)):
+        raise _RefusedError(OUT_OF_RESOURCES, "spool below storage.min_free_gb")
+
+    ds = _read_header(data)
+    sop_uid = _uid(ds, "SOPInstanceUID")
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    study_uid = _uid(ds, "StudyInstanceUID")
+    sop_class = _uid(ds, "SOPClassUID") if "SOPClassUID" in ds else ""
+    requested_class = str(request.AffectedSOPClassUID or "")
+    if sop_class != requested_class:
+        raise _RefusedError(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOP class {sop_class or '(none)'} != negotiated {requested_class}",
+        )
+    if sop_uid != str(request.AffectedSOPInstanceUID or ""):
+        raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
+
+    if ctx.db.instance_path(sop_uid) is not None:
+        logger.debug("duplicate SOP instance %s (series %s)", sop_uid, series_uid)
+        return SUCCESS, "duplicate"
+
+    skip_reason = processing_skip_reason(ds, ctx.settings.series)
+    path = ctx.spool.store_bytes(data, sop_instance_uid=sop_uid, series_instance_uid=series_uid)
+    record = ReceivedInstance(
+        sop_instance_uid=sop_uid,
+        series_instance_uid=series_uid,
+        study_instance_uid=study_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=path,
+        calling_aet=str(event.assoc.requestor.ae_title).strip(),
+        modality=(str(ds.get("Modality", "") or "").strip() or None),
+        instance_number=_optional_int(ds, "InstanceNumber"),
+        z_position=slice_position(ds),
+        skip_reason=skip_reason,
+        size_bytes=len(data),
+    )
+    if not ctx.db.record_instance(record, ctx.profiles):
+        # Lost a race with a concurrent copy of the same instance: the first one wins,
+        # and a copy filed under another series must not linger unreferenced.
+        known = ctx.db.instance_path(sop_uid)
+        if known is not None and known != path:
+            ctx.spool.purge_paths([path])
+        return SUCCESS, "duplicate"
+    logger.debug(
+        "stored SOP instance %s series %s%s",
+        sop_uid,
+        series_uid,
+        f" (not processed: {skip_reason})" if skip_reason else "",
+    )
+    return SUCCESS, ("skipped" if skip_reason else "stored")
+
+
+def _peer(assoc: Any) -> str:
+    requestor = assoc.requestor
+    return f"{str(requestor.ae_title).strip() or '?'}@{requestor.address}:{requestor.port}"
+
+
+def _host_allowed(
+    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def handle_requested(event: evt.Event, ctx: ReceiverContext) -> None:
+    """A-ASSOCIATE-RQ received: reject peers outside ``security.allowed_hosts``."""
+    if not ctx.allowed_networks:
+        return
+    assoc = event.assoc
+    if _host_allowed(str(assoc.requestor.address), ctx.allowed_networks):
+        return
+    logger.warning("rejecting association from %s: host not in allowed_hosts", _peer(assoc))
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON_GIVEN)
+    # Wait for the peer to close (as pynetdicom does for its own rejections).
+    assoc.kill()
+
+
+def handle_rejected(event: evt.Event) -> None:
+    primitive = event.assoc.acceptor.primitive
+    diagnostic = getattr(primitive, "diagnostic", None)
+    logger.info(
+        "association from %s rejected (diagnostic %s)",
+        _peer(event.assoc),
+        "?" if diagnostic is None else f"0x{int(diagnostic):02X}",
+    )
+
+
+def handle_established(event: evt.Event, ctx: ReceiverContext) -> None:
+    ctx.stats(event.assoc)
+    logger.debug("association from %s established", _peer(event.assoc))
+
+
+def handle_closed(event: evt.Event, ctx: ReceiverContext) -> None:
+    stats = ctx.pop_stats(event.assoc)
+    if stats is None:
+        return  # never established (rejected or aborted early)
+    logger.info(
+        "association from %s closed: %d stored (%d not for processing), %d duplicate, "
+        "%d refused, %d failed",
+        _peer(event.assoc),
+        stats.stored,
+        stats.skipped,
+        stats.duplicates,
+        stats.refused,
+        stats.failed,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# AE, TLS and server
+# --------------------------------------------------------------------------------------
+
+
+def build_ae(settings: Settings) -> AE:
+    """The AE: title, association limit, calling-AE allow-list and presentation contexts."""
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_associations = settings.node.max_associations
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.acse_timeout = ACSE_TIMEOUT_S
+    ae.dimse_timeout = DIMSE_TIMEOUT_S
+    ae.network_timeout = NETWORK_TIMEOUT_S
+    if settings.security.allowed_calling_aets:
+        ae.require_calling_aet = [a.strip() for a in settings.security.allowed_calling_aets]
+    ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
+    for sop_class in dict.fromkeys(settings.series.accept_sop_classes):
+        ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+    return ae
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """Server TLS context whose handshake runs in the association's thread.
+
+    pynetdicom wraps accepted sockets in its accept loop; with the default eager
+    handshake a client that connects and stays silent would stall every other
+    connection. Deferred, OpenSSL performs the handshake on the first read, inside the
+    association's own thread, bounded by the socket timeout.
+    """
+
+    socket_timeout: float = NETWORK_TIMEOUT_S
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        if server_side:
+            sock.settimeout(self.socket_timeout)
+            do_handshake_on_connect = False
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``[security]``, or None when TLS is off.
+
+    Raises
+    ------
+    ValueError
+        Naming the ``security.tls_*`` key whose file cannot be loaded.
+    """
+    sec: SecuritySettings = settings.security
+    if not sec.tls_enabled:
+        return None
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = settings.resolve(sec.tls_cert), settings.resolve(sec.tls_key)
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"security.tls_cert/tls_key: cannot load {cert} / {key}: {exc}") from None
+    if sec.tls_ca:
+        ca = settings.resolve(sec.tls_ca)
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"security.tls_ca: cannot load {ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_context(settings: Settings, db: Database, spool: Spool) -> ReceiverContext:
+    networks = tuple(
+        ipaddress.ip_network(item, strict=False) for item in settings.security.allowed_hosts
+    )
+    return ReceiverContext(settings=settings, db=db, spool=spool, allowed_networks=networks)
+
+
+def start_receiver(
+    settings: Settings, db: Database, spool: Spool, *, ae: AE | None = None
+) -> ThreadedAssociationServer:
+    """Start the SCP on ``node.host:node.port`` in background threads and return it.
+
+    ``node.port = 0`` binds a free port; read it from ``server.server_address[1]``.
+    Stop it with :func:`stop_receiver`.
+    """
+    ae = ae or build_ae(settings)
+    ctx = make_context(settings, db, spool)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_ESTABLISHED, handle_established, [ctx]),
+        (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
+    ]
+    server = ae.start_server(
+        (settings.node.host, settings.node.port),
+        block=False,
+        ssl_context=build_ssl_context(settings),
+        evt_handlers=handlers,
+    )
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("pynetdicom did not return a server")
+    host, port = server.server_address[:2]
+    logger.info(
+        "listening as %s on %s:%d%s",
+        settings.node.ae_title,
+        host,
+        port,
+        " (TLS)" if settings.security.tls_enabled else "",
+    )
+    return server
+
+
+def stop_receiver(server: ThreadedAssociationServer, timeout: float = 10.0) -> None:
+    """Stop accepting, let running associations finish for ``timeout`` s, abort the rest."""
+    server.shutdown()
+    associations = list(server.active_associations)
+    deadline = time.monotonic() + max(timeout, 0.0)
+    for assoc in associations:
+        assoc.join(max(deadline - time.monotonic(), 0.0))
+    for assoc in associations:
+        if assoc.is_alive():
+            logger.warning("aborting association from %s at shutdown", _peer(assoc))
+            assoc.abort()
+    logger.info("receiver stopped")

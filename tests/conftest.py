@@ -1,0 +1,55 @@
+"""Shared fixtures: weights folders for inference tests, the VGG file, quiet TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VGG = REPO.parent / "shared" / "vgg16" / "vgg16_imagenet_notop.weights.h5"
+BUNDLED_WEIGHTS = REPO / "weights"
+
+
+def write_weights_dir(
+    folder: Path, *, seed: int = 0, model_version: str = "test-untrained"
+) -> Path:
+    """Save freshly initialised (untrained) cascade networks with a valid MANIFEST.json.
+
+    For tests of plumbing (shapes, tags, files), not of image quality.
+    """
+    import keras
+
+    from ldct_node.model.cascade import MANIFEST_FORMAT, sha256_file
+    from ldct_node.model.networks import build_drl_difference, build_drl_perceptual
+
+    keras.utils.set_random_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    networks = {}
+    for role, builder, name in (
+        ("perceptual", build_drl_perceptual, "drl_perceptual"),
+        ("difference", build_drl_difference, "drl_difference"),
+    ):
+        net = builder()
+        file = folder / f"{name}.weights.h5"
+        net.save_weights(str(file))
+        networks[role] = {
+            "builder": name,
+            "file": file.name,
+            "sha256": sha256_file(file),
+            "parameters": net.count_params(),
+        }
+    manifest = {"format": MANIFEST_FORMAT, "model_version": model_version, "networks": networks}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def untrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_weights_dir(tmp_path_factory.mktemp("weights"))
