@@ -86,7 +86,9 @@ def _errors() -> Iterator[None]:
     except Exception as exc:
         if _state["debug"]:
             console.print_exception()
-        shown = str(exc) if isinstance(exc, CommandFailedError) else f"{type(exc).__name__}: {exc}"
+        # Expected failures read as sentences; anything else names its type.
+        expected = (CommandFailedError, ValueError, OSError, RuntimeError, LookupError)
+        shown = str(exc) if isinstance(exc, expected) else f"{type(exc).__name__}: {exc}"
         _fail(shown, 1)
 
 

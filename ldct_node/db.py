@@ -970,7 +970,7 @@ class Database:
             self._set_state(job, JobState.FAILED, now, "fail")
             job.error = error
             job.finished_at = now
-        logger.warning("job %d failed", job_id)
+        logger.warning("job %d failed: %s", job_id, error)
         return JobState.FAILED
 
     def retry_job(self, job_id: int, now: datetime | None = None) -> None:

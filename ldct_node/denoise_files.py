@@ -83,6 +83,12 @@ def run_denoise(
     for path in inputs:
         if not path.exists():
             raise FileNotFoundError(f"input {path} does not exist")
+    cascade = Cascade.load(
+        weights_dir,
+        batch_size=batch_size or settings.model.batch_size,
+        device=settings.model.device,
+        precision=settings.model.precision,
+    )
     scan = scan_inputs(list(inputs))
     summary = DenoiseSummary(problems=[(p.path, p.reason) for p in scan.problems])
     if not scan.series:
@@ -93,12 +99,6 @@ def run_denoise(
     profile = settings.outputs[0]
     if blend is not None:
         profile = profile.model_copy(update={"blend": blend})
-    cascade = Cascade.load(
-        weights_dir,
-        batch_size=batch_size or settings.model.batch_size,
-        device=settings.model.device,
-        precision=settings.model.precision,
-    )
     output.mkdir(parents=True, exist_ok=True)
     total = sum(len(group.paths) for group in scan.series)
     bar = progress_factory() if progress_factory is not None else None

@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
@@ -191,14 +193,13 @@ def raw_part10(
 ) -> Path:
     """Write a Part 10 file with valid file meta and whatever ``dataset`` bytes."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
-    with Path(path).open("wb") as fh:
-        fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, meta)
-        fh.write(dataset)
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
+    encoded = DicomBytesIO()
+    write_file_meta_info(encoded, meta)
+    Path(path).write_bytes(b"\x00" * 128 + b"DICM" + encoded.getvalue() + dataset)
     return Path(path)
 
 

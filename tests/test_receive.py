@@ -6,6 +6,7 @@ import logging
 import socket
 import ssl
 import stat
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -26,7 +27,7 @@ from _net_util import (
     storescu,
 )
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from ldct_node import receive
 from ldct_node.db import JobState
@@ -137,8 +138,8 @@ def test_unaccepted_sop_class_context_is_rejected(tmp_path: Path) -> None:
             assert accepted == {CT}
             assert rejected == {MR}
             mr = pydicom.dcmread(path)
-            mr.SOPClassUID = MR
-            mr.file_meta.MediaStorageSOPClassUID = MR
+            mr.SOPClassUID = UID(MR)
+            mr.file_meta.MediaStorageSOPClassUID = UID(MR)
             with pytest.raises(ValueError):  # no accepted context to send it on
                 assoc.send_c_store(mr)
         assert node.db.list_jobs() == []
@@ -157,7 +158,7 @@ def test_bad_datasets_are_refused_and_the_association_keeps_working(
         sop_instance_uid="1.2.3",
     )
     wrong_class = pydicom.dcmread(good)
-    wrong_class.SOPClassUID = MR
+    wrong_class.SOPClassUID = UID(MR)
     wrong_class.SOPInstanceUID = generate_uid()
     wrong_class.save_as(tmp_path / "wrong-class.dcm", enforce_file_format=True)
     mismatch = raw_part10(
@@ -214,10 +215,12 @@ def test_localizer_is_stored_but_creates_no_job(tmp_path: Path) -> None:
 def test_no_patient_data_in_info_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = make_ct_series(tmp_path, n=2, size=16)
     caplog.set_level(logging.INFO, logger="ldct_node")
-    with running_receiver(node_settings(tmp_path)) as node:
-        with scu_association(node.port, [CT]) as assoc:
-            for path in files:
-                assert assoc.send_c_store(path).Status == receive.SUCCESS
+    with (
+        running_receiver(node_settings(tmp_path)) as node,
+        scu_association(node.port, [CT]) as assoc,
+    ):
+        for path in files:
+            assert assoc.send_c_store(path).Status == receive.SUCCESS
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("ldct_node"))
     assert "closed: 2 stored" in text  # the per-association summary line
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
@@ -231,6 +234,7 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
         with scu_association(node.port, [VERIFICATION], calling_aet="INTRUDER") as assoc:
             assert assoc.is_rejected
             rj = assoc.acceptor.primitive
+            assert rj is not None
             assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         with scu_association(node.port, [VERIFICATION], calling_aet="MODALITY1") as assoc:
             assert assoc.is_established
@@ -242,6 +246,7 @@ def test_host_allow_list(tmp_path: Path) -> None:
     with running_receiver(outside) as node, scu_association(node.port, [VERIFICATION]) as assoc:
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
+        assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
     inside = node_settings(tmp_path / "b", security={"allowed_hosts": ["10.0.0.0/8", "127.0.0.1"]})
     with running_receiver(inside) as node, scu_association(node.port, [VERIFICATION]) as assoc:
@@ -265,11 +270,19 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
         with socket.create_connection((LOOPBACK, node.port), timeout=10):
             tls = ("+tls", pki["client_key"], pki["client_cert"], "+cf", pki["ca"])
             ok = dcmtk(
-                "echoscu", *tls, "-aec", node.ae_title, "-to", "20", LOOPBACK, node.port, timeout=30
+                "echoscu",
+                *tls,
+                "-aec",
+                node.ae_title,
+                "-to",
+                "20",
+                LOOPBACK,
+                str(node.port),
+                timeout=30,
             )
             assert ok.returncode == 0, ok.stderr
         plain = dcmtk(
-            "echoscu", "-aec", node.ae_title, "-to", "10", "-ta", "10", LOOPBACK, node.port
+            "echoscu", "-aec", node.ae_title, "-to", "10", "-ta", "10", LOOPBACK, str(node.port)
         )
         assert plain.returncode != 0
 
@@ -303,3 +316,59 @@ def test_slice_position_projects_on_the_normal() -> None:
     del ds.ImageOrientationPatient
     assert receive.slice_position(ds) == pytest.approx(-35.5)
     assert receive.slice_position(Dataset()) is None
+
+
+@needs_dcmtk_net
+def test_concurrent_associations_all_land(tmp_path: Path) -> None:
+    series = [make_ct_series(tmp_path, n=4, size=16, subdir=f"s{k}", seed=k) for k in range(3)]
+    with running_receiver(node_settings(tmp_path)) as node:
+        procs = [
+            subprocess.Popen(
+                [
+                    "storescu",
+                    "-aec",
+                    node.ae_title,
+                    "-to",
+                    "20",
+                    LOOPBACK,
+                    str(node.port),
+                    *map(str, files),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for files in series
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        jobs = node.db.list_jobs()
+        assert len(jobs) == 3
+        assert {j.source_instances for j in jobs} == {4}
+        assert len(_spool_files(node.spool.incoming)) == 12
+
+
+def test_every_listed_transfer_syntax_is_negotiated_for_ct(tmp_path: Path) -> None:
+    contexts = [(CT, [ts]) for ts in receive.STORAGE_TRANSFER_SYNTAXES]
+    with (
+        running_receiver(node_settings(tmp_path)) as node,
+        scu_association(node.port, contexts) as assoc,
+    ):
+        assert assoc.is_established
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        assert accepted == set(receive.STORAGE_TRANSFER_SYNTAXES)
+    # Lossy baseline JPEG is not on the list: that context is refused.
+    lossy: list[str | tuple[str, list[str]]] = [(CT, ["1.2.840.10008.1.2.4.50"]), VERIFICATION]
+    with (
+        running_receiver(node_settings(tmp_path / "b")) as node,
+        scu_association(node.port, lossy) as assoc,
+    ):
+        assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == {VERIFICATION}
+
+
+def test_unloadable_tls_files_name_the_key(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    settings = node_settings(tmp_path, security={"tls_cert": missing, "tls_key": missing})
+    with pytest.raises(ValueError, match=r"security\.tls_cert"):
+        receive.build_ssl_context(settings)
+    assert receive.build_ssl_context(node_settings(tmp_path)) is None

@@ -33,8 +33,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,12 +44,15 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ldct_node import dicomio
+
 logger = logging.getLogger(__name__)
 
 #: Linear attenuation of water (1/mm) at an effective energy of about 70 keV.
 MU_WATER_PER_MM = 0.0192
-#: Incident photons per detector bin per view at full dose (see ``simulate_scan``).
-DEFAULT_I0 = 3.0e5
+#: Full-dose incident photons per ray and view for a 512 x 512 parallel-beam scan; other
+#: sizes scale it (see :func:`default_i0`).
+I0_AT_512 = 4.0e5
 #: Standard deviation of the electronic (detector read-out) noise, in photon counts.
 DEFAULT_ELECTRONIC_NOISE = 3.0
 #: Reconstruction filter: ramp with a Hamming window, close to a clinical "standard"
@@ -99,7 +103,7 @@ def n_detectors(size: int) -> int:
     """
     if size < 2:
         raise ValueError(f"size: must be >= 2, got {size}")
-    return int(math.ceil((size - 1) * math.sqrt(2.0))) + 7
+    return math.ceil((size - 1) * math.sqrt(2.0)) + 7
 
 
 def _plan(n_angles: int, symmetric: bool = True) -> list[tuple[int, list[tuple[int, str]]]]:
@@ -195,7 +199,7 @@ def project(image: np.ndarray, n_angles: int, *, symmetric: bool = True) -> np.n
     size = image.shape[0]
     n_det = n_detectors(size)
     fine_len = _UPSAMPLE * (n_det - 1) + 1
-    half_taps = int(math.ceil(_UPSAMPLE * (math.sqrt(2.0) + 1.0) / 2.0)) + 1
+    half_taps = math.ceil(_UPSAMPLE * (math.sqrt(2.0) + 1.0) / 2.0) + 1
     fine = np.zeros((n_angles, fine_len + 2 * half_taps + _UPSAMPLE + 1), dtype=np.float64)
     views = {t: _transformed(image, t) for t in _TRANSFORMS}
     for base, targets in _plan(n_angles, symmetric):
@@ -314,7 +318,7 @@ def fbp(
     if sino.shape[2] != n_det:
         raise ValueError(f"sinogram: {sino.shape[2]} detector bins, size {size} needs {n_det}")
     n_angles = sino.shape[1]
-    n_pad = max(64, 1 << int(math.ceil(math.log2(2 * n_det))))
+    n_pad = max(64, 1 << math.ceil(math.log2(2 * n_det)))
     response = _filter_response(n_pad, filter_name)
     filtered = np.fft.irfft(np.fft.rfft(sino, n=n_pad, axis=2) * response, n=n_pad, axis=2)
     image = _backproject(filtered[:, :, :n_det], size, symmetric) * np.float32(math.pi / n_angles)
@@ -389,7 +393,7 @@ def _fan_geometry(size: int, n_views: int, pixel_spacing_mm: float) -> _FanGeome
         )
     # One channel spans one pixel at the isocentre, like the parallel detector.
     d_gamma = 1.0 / radius
-    half_channels = int(math.ceil(math.asin(half_width / radius) / d_gamma))
+    half_channels = math.ceil(math.asin(half_width / radius) / d_gamma)
     return _FanGeometry(n_views, 2 * half_channels + 1, d_gamma, radius)
 
 
@@ -433,7 +437,7 @@ def simulate_scan(
     *,
     dose_fraction: float,
     rng: np.random.Generator,
-    i0: float = DEFAULT_I0,
+    i0: float | None = None,
     electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
     n_angles: int | None = None,
     geometry: str = "parallel",
@@ -453,9 +457,9 @@ def simulate_scan(
     rng
         Source of the Poisson and electronic noise (full dose drawn first).
     i0
-        Incident photons per detector bin (one pixel wide at the isocentre) per view at
-        full dose. Noise scales as ``1 / sqrt(i0 * n_angles)``; see the module notes for
-        measured levels.
+        Full-dose incident photons per ray (a detector bin one pixel wide at the
+        isocentre) and view; default :func:`default_i0` of the image size, which gives
+        clinical noise levels. Noise scales as ``1 / sqrt(i0)``.
     electronic_noise
         Standard deviation (counts) of Gaussian read-out noise added to every
         measurement, at both doses; it matters only where few photons arrive.
@@ -482,7 +486,7 @@ def simulate_scan(
         raise ValueError(f"pixel_spacing_mm: must be > 0, got {pixel_spacing_mm}")
     if not 0.0 < dose_fraction <= 1.0:
         raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
-    if not i0 > 0:
+    if i0 is not None and not i0 > 0:
         raise ValueError(f"i0: must be > 0, got {i0}")
     if not electronic_noise >= 0:
         raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
@@ -496,6 +500,7 @@ def simulate_scan(
         raise ValueError(f"filter_name: must be one of {FILTERS}, got {filter_name!r}")
     size = truth.shape[0]
     views = default_n_angles(size, geometry) if n_angles is None else int(n_angles)
+    counts = default_i0(size, geometry) if i0 is None else float(i0)
     if views < 4 or (geometry == "fan" and views % 2):
         raise ValueError(f"n_angles: must be >= 4 (and even for fan beam), got {n_angles}")
 
@@ -510,8 +515,8 @@ def simulate_scan(
         # interpolation of the noiseless data from blurring it.
         clean = _parallel_to_fan(project(mu, views) * pixel_spacing_mm, fan)
 
-    full, _ = _noisy_line_integrals(clean, i0, electronic_noise, rng)
-    low, starved = _noisy_line_integrals(clean, i0 * dose_fraction, electronic_noise, rng)
+    full, _ = _noisy_line_integrals(clean, counts, electronic_noise, rng)
+    low, starved = _noisy_line_integrals(clean, counts * dose_fraction, electronic_noise, rng)
     stack = np.stack([full, low, clean])
     if fan is not None:
         stack = np.stack([_fan_to_parallel(s, fan, n_det) for s in stack])
@@ -523,7 +528,7 @@ def simulate_scan(
         low_dose=hu[1],
         truth_recon=hu[2],
         dose_fraction=float(dose_fraction),
-        i0=float(i0),
+        i0=counts,
         electronic_noise=float(electronic_noise),
         n_angles=views,
         n_detectors=n_det if fan is None else fan.n_channels,
@@ -734,7 +739,8 @@ def _water_phantom(
     size: int, rng: np.random.Generator, slice_z: float, fov_mm: float | None
 ) -> Phantom:
     diameter = float(rng.uniform(180.0, 320.0))
-    fov = float(fov_mm) if fov_mm is not None else 1.2 * diameter
+    # Whole millimetres, as scanners offer: pixel spacings stay short decimals.
+    fov = float(fov_mm) if fov_mm is not None else float(round(1.2 * diameter))
     spacing = fov / size
     canvas = _Canvas(size, spacing, -1000.0)
     cylinder = _Blob(0.0, 0.0, diameter / 2.0, diameter / 2.0)
@@ -899,13 +905,17 @@ def _body_params(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _body_phantom(
-    size: int, rng: np.random.Generator, slice_z: float, fov_mm: float | None
+    size: int,
+    rng: np.random.Generator,
+    slice_z: float,
+    fov_mm: float | None,
+    with_lesions: bool,
 ) -> Phantom:
     p = _body_params(rng)
     a, b, hu, th = p["a"], p["b"], p["hu"], p["texture_hu"]
-    fov = (
-        float(fov_mm) if fov_mm is not None else float(np.clip(2 * (a + p["fov_margin"]), 340, 420))
-    )
+    # Whole millimetres, as scanners offer: pixel spacings stay short decimals.
+    auto_fov = float(round(min(max(2.0 * (a + p["fov_margin"]), 340.0), 420.0)))
+    fov = float(fov_mm) if fov_mm is not None else auto_fov
     spacing = fov / size
     tex = _textures(rng, size, spacing, slice_z)
     level = p["level0"] + slice_z
@@ -1040,7 +1050,7 @@ def _body_phantom(
     lesions: list[Lesion] = []
     for les in p["lesions"]:
         organ_key = les["organ"]
-        if not les["active"] or organ_key not in organ_blobs:
+        if not with_lesions or not les["active"] or organ_key not in organ_blobs:
             continue
         half = les["diameter"] / 2.0
         dz_les = slice_z - les["z"]
@@ -1125,6 +1135,7 @@ def make_phantom(
     kind: str = "body",
     slice_z: float = 0.0,
     fov_mm: float | None = None,
+    with_lesions: bool = True,
 ) -> Phantom:
     """A noiseless procedural phantom slice in HU.
 
@@ -1147,6 +1158,9 @@ def make_phantom(
     fov_mm
         Field of view; default about the body width plus a margin (340-420 mm for the
         body, 1.2 x the diameter for water). ``pixel_spacing_mm = fov_mm / size``.
+    with_lesions
+        ``False`` leaves the lesions out and changes nothing else: signal-absent images
+        for detectability studies.
     """
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 16:
         raise ValueError(f"size: must be an integer >= 16, got {size!r}")
@@ -1157,7 +1171,586 @@ def make_phantom(
     if fov_mm is not None and not fov_mm > 0:
         raise ValueError(f"fov_mm: must be > 0, got {fov_mm}")
     if kind == "body":
-        return _body_phantom(int(size), rng, float(slice_z), fov_mm)
+        return _body_phantom(int(size), rng, float(slice_z), fov_mm, with_lesions)
     if kind == "water":
         return _water_phantom(int(size), rng, float(slice_z), fov_mm)
     raise ValueError(f"kind: must be one of {PHANTOM_KINDS}, got {kind!r}")
+
+
+# ======================================================================================
+# Paired data sets
+# ======================================================================================
+
+#: Folder names (AAPM style) of the series of one case.
+FULL_DOSE_DIR = "full_dose"
+TRUTH_DIR = "truth"
+TRUTH_RECON_DIR = "truth_recon"
+MANIFEST_NAME = "simulation.json"
+
+
+def low_dose_dir_name(dose_fraction: float) -> str:
+    """``quarter_dose`` for 0.25, else ``low_dose_<percent>`` (e.g. ``low_dose_10``)."""
+    if not 0.0 < dose_fraction <= 1.0:
+        raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
+    if math.isclose(dose_fraction, 0.25):
+        return "quarter_dose"
+    return f"low_dose_{dose_fraction * 100:g}"
+
+
+def default_i0(size: int, geometry: str = "parallel") -> float:
+    """Full-dose incident count per ray and view that gives clinical noise at any size.
+
+    FBP noise grows as ``sqrt(size / (i0 * views / size))``-ish per pixel, so the count is
+    scaled with the image size to keep the noise per pixel at the level of a 512 x 512
+    abdomen reconstructed with a standard kernel (measured on the body phantom, Hamming
+    window: 11-15 HU at full dose, 22-30 HU at quarter dose). A fan-beam scan has twice
+    the views (360 degrees), so half the count per view gives the same dose.
+    """
+    if size < 2:
+        raise ValueError(f"size: must be >= 2, got {size}")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
+    per_view = I0_AT_512 * size / 512.0
+    return per_view / 2.0 if geometry == "fan" else per_view
+
+
+@dataclass(frozen=True)
+class _SliceTask:
+    case_index: int
+    slice_index: int
+    seed: int
+    size: int
+    slice_z: float
+    phantom_kind: str
+    source_path: str | None
+    resample_to: int | None
+    dose_fraction: float
+    i0: float | None
+    electronic_noise: float
+    n_angles: int | None
+    geometry: str
+    filter_name: str
+
+
+@dataclass(frozen=True)
+class _SliceResult:
+    truth: np.ndarray
+    scan: ScanResult
+    noise_full: float
+    noise_low: float
+
+
+def _load_source_slice(path: str, resample_to: int | None) -> tuple[np.ndarray, float]:
+    """HU image and pixel spacing of one source instance (resampled when asked)."""
+    from pydicom import dcmread
+    from skimage.transform import resize
+
+    ds = dcmread(path)
+    hu = dicomio.decode_hu(ds).astype(np.float64)
+    spacing = [float(v) for v in ds.get("PixelSpacing") or [1.0, 1.0]]
+    if len(spacing) != 2 or not all(v > 0 for v in spacing):
+        raise ValueError(f"source_series: {path} has an unusable PixelSpacing {spacing}")
+    if abs(spacing[0] - spacing[1]) > 0.01 * spacing[0]:
+        raise ValueError(f"source_series: {path} has non-square pixels {spacing}")
+    pixel = spacing[0]
+    if resample_to is not None and hu.shape != (resample_to, resample_to):
+        side = max(hu.shape)
+        pixel = pixel * side / resample_to
+        hu = resize(_pad_square(hu), (resample_to, resample_to), order=1, anti_aliasing=True)
+    return hu, pixel
+
+
+def _pad_square(image: np.ndarray) -> np.ndarray:
+    rows, cols = image.shape
+    side = max(rows, cols)
+    if rows == cols:
+        return image
+    top, left = (side - rows) // 2, (side - cols) // 2
+    out = np.full((side, side), -1000.0, dtype=image.dtype)
+    out[top : top + rows, left : left + cols] = image
+    return out
+
+
+def _soft_tissue_noise(noisy: np.ndarray, reference: np.ndarray) -> float:
+    """Noise std (HU) over soft tissue (-150..250 HU in the noiseless reconstruction)."""
+    region = ndimage.binary_erosion((reference > -150) & (reference < 250), iterations=2)
+    if region.sum() < 50:
+        return float("nan")
+    return float(np.std((noisy - reference)[region]))
+
+
+def _run_slice(task: _SliceTask) -> _SliceResult:
+    """Make the truth image of one slice and scan it (runs in worker processes too)."""
+    if task.source_path is None:
+        phantom = make_phantom(
+            task.size,
+            np.random.default_rng([task.seed, task.case_index]),
+            kind=task.phantom_kind,
+            slice_z=task.slice_z,
+        )
+        truth = phantom.image.astype(np.float64)
+        spacing = phantom.pixel_spacing_mm
+    else:
+        truth, spacing = _load_source_slice(task.source_path, task.resample_to)
+    # Values below air (padding outside the scan circle) are air to the scanner.
+    truth = np.maximum(truth, -1024.0)
+    rows, cols = truth.shape
+    square = _pad_square(truth)
+    scan = simulate_scan(
+        square,
+        spacing,
+        dose_fraction=task.dose_fraction,
+        rng=np.random.default_rng([task.seed, task.case_index, task.slice_index, 1]),
+        i0=task.i0,
+        electronic_noise=task.electronic_noise,
+        n_angles=task.n_angles,
+        geometry=task.geometry,
+        filter_name=task.filter_name,
+    )
+    if (rows, cols) != square.shape:
+        top, left = (square.shape[0] - rows) // 2, (square.shape[1] - cols) // 2
+        crop = (slice(top, top + rows), slice(left, left + cols))
+        scan = ScanResult(
+            **{
+                **scan.__dict__,
+                "full_dose": scan.full_dose[crop],
+                "low_dose": scan.low_dose[crop],
+                "truth_recon": scan.truth_recon[crop],
+            }
+        )
+    return _SliceResult(
+        truth=truth.astype(np.float32),
+        scan=scan,
+        noise_full=_soft_tissue_noise(scan.full_dose, scan.truth_recon),
+        noise_low=_soft_tissue_noise(scan.low_dose, scan.truth_recon),
+    )
+
+
+@dataclass
+class _Case:
+    case_id: str
+    index: int
+    source: str
+    tasks: list[_SliceTask]
+    slice_spacing_mm: float
+    start_z_mm: float
+    body_part: str | None
+
+
+def _source_cases(
+    sources: Sequence[Path],
+    n_cases: int,
+    slices_per_case: int,
+    template: dict[str, Any],
+) -> list[_Case]:
+    """One case per CT series found under the sources (at most ``n_cases``)."""
+    cases: list[_Case] = []
+    for source in sources:
+        if not Path(source).exists():
+            raise ValueError(f"source_series: {source} does not exist")
+        found = dicomio.scan_inputs([Path(source)])
+        for problem in found.problems:
+            logger.warning("source_series: skipping %s: %s", problem.path, problem.reason)
+        for group in found.series:
+            if len(cases) >= n_cases:
+                return cases
+            usable = [
+                (path, ds)
+                for path, ds in group.instances
+                if str(ds.get("SOPClassUID", "")) == dicomio.CT_IMAGE_STORAGE
+                and "LOCALIZER" not in [str(v).upper() for v in ds.get("ImageType", []) or []]
+            ]
+            if not usable:
+                logger.warning("source_series: no axial CT images in a series under %s", source)
+                continue
+            first = (len(usable) - min(slices_per_case, len(usable))) // 2
+            chosen = usable[first : first + slices_per_case]
+            normal = dicomio.slice_normal(chosen[0][1])
+            positions = [dicomio.slice_position(ds, normal) for _, ds in chosen]
+            steps = np.diff([p for p in positions if p is not None])
+            spacing = float(np.median(np.abs(steps))) if steps.size else 0.0
+            if not spacing > 0:
+                spacing = float(chosen[0][1].get("SliceThickness") or 1.0)
+            index = len(cases)
+            case_id = f"sim{index + 1:04d}"
+            tasks = [
+                _SliceTask(
+                    case_index=index,
+                    slice_index=i,
+                    slice_z=0.0,
+                    phantom_kind="",
+                    source_path=str(path),
+                    **template,
+                )
+                for i, (path, _) in enumerate(chosen)
+            ]
+            start = positions[0] if positions[0] is not None else 0.0
+            cases.append(_Case(case_id, index, str(source), tasks, spacing, start, None))
+    return cases
+
+
+def _phantom_cases(
+    n_cases: int,
+    slices_per_case: int,
+    thickness: float,
+    kind: str,
+    template: dict[str, Any],
+) -> list[_Case]:
+    cases = []
+    for index in range(n_cases):
+        zs = [(i - (slices_per_case - 1) / 2.0) * thickness for i in range(slices_per_case)]
+        tasks = [
+            _SliceTask(
+                case_index=index,
+                slice_index=i,
+                slice_z=z,
+                phantom_kind=kind,
+                source_path=None,
+                **template,
+            )
+            for i, z in enumerate(zs)
+        ]
+        part = "ABDOMEN" if kind == "body" else None
+        cases.append(
+            _Case(f"sim{index + 1:04d}", index, f"phantom:{kind}", tasks, thickness, zs[0], part)
+        )
+    return cases
+
+
+def _results(tasks: list[_SliceTask], workers: int) -> Generator[_SliceResult, None, None]:
+    if workers <= 1:
+        for task in tasks:
+            yield _run_slice(task)
+        return
+    # spawn: a forked child of a process that loaded TensorFlow can deadlock.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(_run_slice, tasks, chunksize=1)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ValueError(f"output_dir: {output_dir} exists and is not a directory")
+        if any(output_dir.iterdir()):
+            raise ValueError(f"output_dir: {output_dir} is not empty")
+
+
+def simulate_dataset(
+    output_dir: Path | str,
+    *,
+    n_cases: int,
+    slices_per_case: int,
+    size: int = 256,
+    dose_fraction: float = 0.25,
+    i0: float | None = None,
+    seed: int = 0,
+    source_series: Sequence[Path | str] | None = None,
+    progress: bool = True,
+    electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
+    n_angles: int | None = None,
+    geometry: str = "parallel",
+    filter_name: str = DEFAULT_FILTER,
+    slice_thickness_mm: float = 3.0,
+    phantom_kind: str = "body",
+    resample_sources: bool = False,
+    write_truth_recon: bool = False,
+    workers: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Write paired full-dose / low-dose CT series for training and evaluation.
+
+    Layout (AAPM style)::
+
+        output_dir/simulation.json                 every parameter, per-case noise
+        output_dir/sim0001/full_dose/CT0001.dcm    I0
+        output_dir/sim0001/quarter_dose/...        I0 * 0.25 (else low_dose_<percent>)
+        output_dir/sim0001/truth/...               the noiseless image that was scanned
+        output_dir/sim0001/truth_recon/...         FBP of the noiseless sinogram (optional)
+
+    The series of a case share StudyInstanceUID and FrameOfReferenceUID, have
+    consecutive slice positions and synthetic patients (``SIM^0001``). UIDs are
+    deterministic in the parameters, and so is every pixel: the same call writes the
+    same data.
+
+    Parameters
+    ----------
+    output_dir
+        Created if missing; must be empty.
+    n_cases
+        Phantom patients to simulate; with ``source_series``, the most series to use.
+    slices_per_case
+        Slices per phantom case (``slice_thickness_mm`` apart); with ``source_series``,
+        the most slices taken from the middle of each series.
+    size
+        Phantom image size. Source images keep their own size unless
+        ``resample_sources``.
+    dose_fraction
+        Low-dose count relative to full dose, in (0, 1].
+    i0
+        Full-dose incident photons per ray and view; default :func:`default_i0` of the
+        image size (clinical noise levels at any size).
+    seed
+        Seeds the anatomy (per case) and the noise (per slice).
+    source_series
+        Folders (or files) of normal-dose CT series to use as truth instead of phantoms;
+        every CT series found is one case. Their noise is kept: the accepted practice.
+    progress
+        Show a rich progress bar over all slices.
+    electronic_noise, n_angles, geometry, filter_name
+        As in :func:`simulate_scan`.
+    slice_thickness_mm
+        Slice spacing of phantom cases.
+    phantom_kind
+        ``"body"`` or ``"water"`` (see :func:`make_phantom`).
+    resample_sources
+        Resample source images to ``size`` x ``size`` (after padding to square).
+    write_truth_recon
+        Also write the FBP of the noiseless sinogram of each slice.
+    workers
+        Processes simulating slices in parallel (1 = in this process).
+    on_progress
+        Called with (slices done, slices total) after every slice.
+
+    Returns
+    -------
+    list[Path]
+        The case folders, in order.
+    """
+    from ldct_node import __version__
+
+    out = Path(output_dir)
+    for name, value in (("n_cases", n_cases), ("slices_per_case", slices_per_case)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size: must be an integer >= 16, got {size!r}")
+    if not 0.0 < dose_fraction <= 1.0:
+        raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
+    if i0 is not None and not i0 > 0:
+        raise ValueError(f"i0: must be > 0, got {i0}")
+    if not electronic_noise >= 0:
+        raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
+    if filter_name not in FILTERS:
+        raise ValueError(f"filter_name: must be one of {FILTERS}, got {filter_name!r}")
+    if n_angles is not None and (n_angles < 4 or (geometry == "fan" and n_angles % 2)):
+        raise ValueError(f"n_angles: must be >= 4 (and even for fan beam), got {n_angles}")
+    if not slice_thickness_mm > 0:
+        raise ValueError(f"slice_thickness_mm: must be > 0, got {slice_thickness_mm}")
+    if phantom_kind not in PHANTOM_KINDS:
+        raise ValueError(f"phantom_kind: must be one of {PHANTOM_KINDS}, got {phantom_kind!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: must be a positive integer, got {workers!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
+    _check_output_dir(out)
+
+    template: dict[str, Any] = {
+        "seed": int(seed),
+        "size": size,
+        "resample_to": size if resample_sources else None,
+        "dose_fraction": float(dose_fraction),
+        "i0": None if i0 is None else float(i0),
+        "electronic_noise": float(electronic_noise),
+        "n_angles": n_angles,
+        "geometry": geometry,
+        "filter_name": filter_name,
+    }
+    sources = [Path(s) for s in source_series] if source_series else []
+    if sources:
+        cases = _source_cases(sources, n_cases, slices_per_case, template)
+        if not cases:
+            raise ValueError("source_series: no usable CT series found")
+    else:
+        cases = _phantom_cases(n_cases, slices_per_case, slice_thickness_mm, phantom_kind, template)
+
+    params: dict[str, Any] = {
+        "generator": "ldct-node simulate",
+        "ldct_node_version": __version__,
+        "seed": int(seed),
+        "n_cases": len(cases),
+        "slices_per_case": slices_per_case,
+        "n_slices": sum(len(c.tasks) for c in cases),
+        "size": size,
+        "dose_fraction": float(dose_fraction),
+        "i0": i0,
+        "i0_default": i0 is None,
+        "electronic_noise": float(electronic_noise),
+        "n_angles": n_angles,
+        "geometry": geometry,
+        "filter_name": filter_name,
+        "mu_water_per_mm": MU_WATER_PER_MM,
+        "min_counts": MIN_COUNTS,
+        "fan_source_to_iso_mm": FAN_SOURCE_TO_ISO_MM if geometry == "fan" else None,
+        "slice_thickness_mm": slice_thickness_mm if not sources else None,
+        "phantom_kind": phantom_kind if not sources else None,
+        "source_series": [str(s) for s in sources],
+        "resample_sources": resample_sources,
+        "folders": {
+            "full_dose": FULL_DOSE_DIR,
+            "low_dose": low_dose_dir_name(dose_fraction),
+            "truth": TRUTH_DIR,
+            "truth_recon": TRUTH_RECON_DIR if write_truth_recon else None,
+        },
+    }
+    # UIDs are derived from the parameters: same call, same UIDs; other call, others.
+    run_key = json.dumps(params, sort_keys=True)
+    total = params["n_slices"]
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "simulating %d case(s), %d slice(s), dose fraction %g, into %s",
+        len(cases),
+        total,
+        dose_fraction,
+        out,
+    )
+
+    case_records: list[dict[str, Any]] = []
+    case_dirs: list[Path] = []
+    all_tasks = [task for case in cases for task in case.tasks]
+    done = 0
+    with (
+        _progress_bar(progress, total) as advance,
+        closing(_results(all_tasks, workers)) as results,
+    ):
+        for case in cases:
+            slices: list[_SliceResult] = []
+            for _ in case.tasks:
+                slices.append(next(results))
+                done += 1
+                advance()
+                if on_progress is not None:
+                    on_progress(done, total)
+            case_dir = out / case.case_id
+            case_records.append(_write_case(case, slices, case_dir, run_key, params))
+            case_dirs.append(case_dir)
+
+    manifest = {**params, "cases": case_records, "complete": True}
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_NAME)
+    logger.info("wrote %d case(s) to %s", len(case_dirs), out)
+    return case_dirs
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar over slices; yields a function that advances it by one."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("simulating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("slices"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("simulate", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _write_case(
+    case: _Case,
+    slices: list[_SliceResult],
+    case_dir: Path,
+    run_key: str,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the series of one case; return its record for simulation.json."""
+    from pydicom.uid import generate_uid
+
+    first = slices[0].scan
+    spacing = first.pixel_spacing_mm
+    number = case.index + 1
+    study_uid = generate_uid(entropy_srcs=[run_key, case.case_id, "study"])
+    frame_uid = generate_uid(entropy_srcs=[run_key, case.case_id, "frame"])
+    percent = f"{first.dose_fraction * 100:g}"
+    extra: dict[str, object] = {
+        "ConvolutionKernel": first.filter_name,
+        "ManufacturerModelName": "simulated CT",
+    }
+    if case.body_part:
+        extra["BodyPartExamined"] = case.body_part
+    series: list[tuple[str, str, np.ndarray, str]] = [
+        (
+            params["folders"]["full_dose"],
+            "Simulated full dose",
+            np.stack([s.scan.full_dose for s in slices]),
+            f"Simulated scan: full dose, I0 {first.i0:g} per ray",
+        ),
+        (
+            params["folders"]["low_dose"],
+            f"Simulated {percent}% dose",
+            np.stack([s.scan.low_dose for s in slices]),
+            f"Simulated scan: {percent}% dose, I0 {first.i0 * first.dose_fraction:g} per ray",
+        ),
+        (
+            params["folders"]["truth"],
+            "Noiseless truth",
+            np.stack([s.truth for s in slices]),
+            "Noiseless image that was scanned (simulation truth)",
+        ),
+    ]
+    if params["folders"]["truth_recon"]:
+        series.append(
+            (
+                params["folders"]["truth_recon"],
+                "Noiseless reconstruction",
+                np.stack([s.scan.truth_recon for s in slices]),
+                "FBP of the noiseless sinogram (simulation truth, reconstructed)",
+            )
+        )
+    counts: dict[str, int] = {}
+    for series_number, (folder, description, volume, comment) in enumerate(series, start=1):
+        paths = dicomio.write_ct_series(
+            volume,
+            case_dir / folder,
+            pixel_spacing_mm=spacing,
+            slice_thickness_mm=case.slice_spacing_mm,
+            series_description=description,
+            series_number=series_number,
+            study_uid=study_uid,
+            frame_of_reference_uid=frame_uid,
+            patient_name=f"SIM^{number:04d}",
+            patient_id=f"SIM{number:04d}",
+            series_uid=generate_uid(entropy_srcs=[run_key, case.case_id, folder]),
+            start_z_mm=case.start_z_mm,
+            extra={**extra, "ImageComments": comment},
+        )
+        counts[folder] = len(paths)
+
+    def mean_noise(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return round(float(np.mean(finite)), 2) if finite else None
+
+    return {
+        "case_id": case.case_id,
+        "source": case.source,
+        "n_slices": len(slices),
+        "rows": int(slices[0].truth.shape[0]),
+        "columns": int(slices[0].truth.shape[1]),
+        "pixel_spacing_mm": spacing,
+        "slice_spacing_mm": case.slice_spacing_mm,
+        "i0": first.i0,
+        "n_angles": first.n_angles,
+        "n_detectors": first.n_detectors,
+        "files": counts,
+        "noise_std_hu": {
+            "full_dose": mean_noise([s.noise_full for s in slices]),
+            "low_dose": mean_noise([s.noise_low for s in slices]),
+        },
+        "starved_ray_fraction": max(s.scan.starved_fraction for s in slices),
+    }
