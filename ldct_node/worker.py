@@ -105,3 +105,296 @@ def denoise_series(
             "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
         )
     return written
+
+
+# --------------------------------------------------------------------------------------
+# The node's job loop
+# --------------------------------------------------------------------------------------
+
+#: Seconds between heartbeats of a running job (from a thread of its own, so that a
+#: long batch or a slow read never makes the job look dead).
+HEARTBEAT_SECONDS = 10.0
+#: A running job whose heartbeat is older than this is taken to be orphaned.
+STALE_AFTER_SECONDS = 300.0
+#: Pause after an unexpected error of the loop itself (database down...).
+ERROR_PAUSE_SECONDS = 5.0
+
+
+class _Interrupted(Exception):
+    """The node is shutting down: hand the job back to the queue."""
+
+
+class _Abandoned(Exception):
+    """The job is no longer ours (cancelled, or re-queued by someone else)."""
+
+
+def default_worker_id() -> str:
+    """``host:pid``: names the process holding a job in the table."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat:
+    """Refreshes a running job's heartbeat in a background thread until closed.
+
+    ``lost`` is set when the database says the job is no longer running for us.
+    """
+
+    def __init__(self, db: Database, job_id: int, worker_id: str, interval: float) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.interval = interval
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-job-{job_id}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                if not self.db.heartbeat(self.job_id, self.worker_id):
+                    self.lost.set()
+                    return
+            except Exception as exc:  # a busy database must not end the job
+                logger.debug("job %d: heartbeat failed: %s", self.job_id, exc)
+
+
+class Worker:
+    """Claims queued jobs and turns each into a derived series handed on for forwarding.
+
+    One job at a time: claim (``queued -> running``), read the series' instances from
+    the spool, run the cascade once for the job's output profile, write the derived
+    series below ``<spool>/derived/job-<id>/``, then
+    :meth:`~ldct_node.db.Database.finish_processing` (``forwarding``, or ``done``
+    without destinations). Instances that cannot be read or decoded fail the job with
+    a reason a person can act on; the loop goes on with the next job.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (outputs, destinations, dicom).
+    db, spool
+        The job table and the instance store.
+    cascade
+        The loaded networks (loaded once per process).
+    worker_id
+        Recorded in the job row while running; default ``host:pid``.
+    on_forwarding
+        Called after a job reached ``forwarding`` (e.g. to start sending at once).
+    heartbeat_seconds
+        Interval of the running job's heartbeat.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        spool: Spool,
+        cascade: Cascade,
+        *,
+        worker_id: str | None = None,
+        on_forwarding: Callable[[], None] | None = None,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    ) -> None:
+        if heartbeat_seconds <= 0:
+            raise ValueError(f"heartbeat_seconds: must be > 0, got {heartbeat_seconds}")
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.cascade = cascade
+        self.worker_id = worker_id or default_worker_id()
+        self.on_forwarding = on_forwarding
+        self.heartbeat_seconds = heartbeat_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    # -- control ------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Look for queued jobs now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop after the current batch; a running job goes back to ``queued``."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run_forever(self, poll_seconds: float = 1.0) -> None:
+        """Process jobs until :meth:`stop`; waits ``poll_seconds`` (or a wake) when idle."""
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds: must be > 0, got {poll_seconds}")
+        logger.debug("worker %s started", self.worker_id)
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once() is not None
+            except Exception:
+                logger.exception("worker loop error; pausing %g s", ERROR_PAUSE_SECONDS)
+                self._stop.wait(ERROR_PAUSE_SECONDS)
+                continue
+            if not worked:
+                self._wake.wait(poll_seconds)
+                self._wake.clear()
+        logger.debug("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> JobState | None:
+        """Claim and process one queued job.
+
+        Returns
+        -------
+        JobState | None
+            The job's state afterwards, or None when nothing was queued (or stopping).
+        """
+        if self._stop.is_set():
+            return None
+        job = self.db.claim_next_job(self.worker_id)
+        if job is None:
+            return None
+        return self.process(job)
+
+    # -- one job ------------------------------------------------------------------------
+    def process(self, job: JobInfo) -> JobState:
+        """Process a job this worker has claimed (state ``running``)."""
+        profile = next((p for p in self.settings.outputs if p.name == job.profile), None)
+        if profile is None:
+            return self._fail(
+                job.id,
+                f"output profile {job.profile!r} is no longer configured: add it back to "
+                f"[[outputs]] and retry, or cancel job {job.id}",
+            )
+        logger.info(
+            "job %d running: series %s, profile %s, %d instance(s)",
+            job.id,
+            job.series_instance_uid,
+            job.profile,
+            job.source_instances,
+        )
+        output_root = self.spool.derived / f"job-{job.id}"
+        with _Heartbeat(self.db, job.id, self.worker_id, self.heartbeat_seconds) as beat:
+
+            def checkpoint(_done: int = 0) -> None:
+                if self._stop.is_set():
+                    raise _Interrupted
+                if beat.lost.is_set():
+                    raise _Abandoned
+
+            try:
+                datasets = self._load(job, checkpoint)
+                checkpoint()
+                # A previous run's output (interrupted, or an older model) must not mix in.
+                if output_root.exists():
+                    self.spool.purge_paths([output_root])
+                output_root = self.spool.derived_dir(f"job-{job.id}")
+                written = denoise_series(
+                    datasets,
+                    self.cascade,
+                    [profile],
+                    self.settings.dicom,
+                    output_root,
+                    progress=checkpoint,
+                )
+            except _Interrupted:
+                self._hand_back(job.id)
+                return JobState.QUEUED
+            except _Abandoned:
+                return self._abandoned(job.id, output_root)
+            except _JobInputError as exc:
+                return self._fail(job.id, str(exc))
+            except InputError as exc:
+                return self._fail(
+                    job.id,
+                    f"{exc}. Re-send the series from its source, or cancel job {job.id}",
+                )
+            except Exception as exc:
+                logger.exception("job %d: unexpected error", job.id)
+                return self._fail(
+                    job.id,
+                    f"internal error {type(exc).__name__}: {exc}. See the node's log; "
+                    f"retry job {job.id} once the cause is fixed",
+                )
+        derived = written[0]
+        logger.info(
+            "job %d: derived series %s written (%d instance(s))",
+            job.id,
+            derived.series_uid,
+            len(derived.paths),
+        )
+        try:
+            state = self.db.finish_processing(
+                job.id,
+                derived.series_uid,
+                derived.directory,
+                len(derived.paths),
+                [d.name for d in self.settings.destinations],
+            )
+        except TransitionError:
+            return self._abandoned(job.id, output_root)
+        if state == JobState.FORWARDING and self.on_forwarding is not None:
+            self.on_forwarding()
+        return state
+
+    def _load(self, job: JobInfo, checkpoint: Callable[[], None]) -> list[Dataset]:
+        paths = self.db.job_instances(job.id)
+        if not paths:
+            raise _JobInputError(
+                f"series {job.series_instance_uid} has no instances to process (all "
+                "skipped, or purged): re-send it, or cancel job {job.id}"
+            )
+        datasets: list[Dataset] = []
+        for path in paths:
+            checkpoint()
+            try:
+                datasets.append(read_instance(path))
+            except FileNotFoundError:
+                raise _JobInputError(
+                    f"spooled instance {path} is missing (spool moved or files deleted): "
+                    f"re-send the series, or cancel job {job.id}"
+                ) from None
+        return datasets
+
+    def _fail(self, job_id: int, reason: str) -> JobState:
+        state = self.db.fail_job(job_id, reason)
+        if state == JobState.FAILED:
+            logger.warning("job %d failed: %s", job_id, reason)
+        else:
+            logger.info("job %d: failed (%s) but its series changed; back to %s", job_id,
+                        reason, state)
+        return state
+
+    def _hand_back(self, job_id: int) -> None:
+        """Shutdown during a job: ``running -> queued`` (only if it is still ours)."""
+        ids = _requeue_own(self.db, job_id, self.worker_id)
+        if ids:
+            logger.info("job %d: interrupted by shutdown; queued again", job_id)
+
+    def _abandoned(self, job_id: int, output_root: Path) -> JobState:
+        state = JobState(self.db.get_job(job_id).state)
+        logger.info("job %d: no longer ours (now %s); output discarded", job_id, state)
+        if state == JobState.CANCELLED and output_root.exists():
+            self.spool.purge_paths([output_root])
+        return state
+
+
+class _JobInputError(Exception):
+    """The job's input cannot be processed; the message says what to do."""
+
+
+def _requeue_own(db: Database, job_id: int, worker_id: str) -> list[int]:
+    # The database API re-queues *every* running job (requeue_running) or stale ones;
+    # a stopping worker must hand back only its own job, so use the same transition with
+    # a narrower selection (a job whose series changed meanwhile goes to receiving).
+    stmt = select(Job).where(
+        Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
+    )
+    return db._requeue(stmt, datetime.now(UTC))

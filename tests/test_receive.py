@@ -145,6 +145,7 @@ def test_unaccepted_sop_class_context_is_rejected(tmp_path: Path) -> None:
         assert node.db.list_jobs() == []
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the garbage values
 def test_bad_datasets_are_refused_and_the_association_keeps_working(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

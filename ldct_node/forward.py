@@ -1,0 +1,404 @@
+"""Sending derived series to the configured ``[[destinations]]`` (C-STORE SCU).
+
+One association per (job, destination) attempt, requesting CT Image Storage (and any
+other accepted SOP class the files carry) with Explicit and Implicit VR Little Endian:
+the derived files are uncompressed, so every storage SCP can take them. An attempt
+succeeds when the peer answers success or a warning (0x0000, 0xB000, 0xB006, 0xB007)
+for every instance. A failure status, a missing response or no association at all is
+booked with :meth:`ldct_node.db.Database.record_forward_result` together with the
+peer's status code and text, and the next attempt is scheduled after
+``forward.backoff_seconds``; after ``forward.max_attempts`` failures the job is
+``failed`` with that error. A retry resends the whole derived series: its UIDs are
+deterministic, so the peer deduplicates what it already has.
+
+:func:`echo` checks a destination with C-ECHO (``ldct-node echo``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
+from ldct_node.db import Database, ForwardInfo, JobState
+
+logger = logging.getLogger(__name__)
+
+#: Transfer syntaxes offered for the (uncompressed) derived instances.
+SEND_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+CONNECT_TIMEOUT_S = 10.0
+ACSE_TIMEOUT_S = 30.0
+DIMSE_TIMEOUT_S = 120.0
+NETWORK_TIMEOUT_S = 60.0
+#: pynetdicom's limit on presentation contexts in one association request.
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of one attempt to send a series to one destination.
+
+    Attributes
+    ----------
+    ok
+        Every instance was accepted (success or warning status).
+    n_sent
+        Instances the peer accepted.
+    n_total
+        Instances that were to be sent.
+    error
+        What went wrong (peer status code and meaning, rejection, no connection).
+    interrupted
+        The attempt was cut short by a shutdown; it does not count as an attempt.
+    """
+
+    ok: bool
+    n_sent: int
+    n_total: int
+    error: str | None = None
+    interrupted: bool = False
+
+
+def describe_status(code: int) -> str:
+    """``0xA700 (Failure: Refused: Out of Resources)`` for a C-STORE status code."""
+    category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
+    return f"0x{code:04X} ({category}{': ' + meaning if meaning else ''})"
+
+
+def _is_accepted(code: int) -> bool:
+    return code_to_category(code) in ("Success", "Warning")
+
+
+def _peer(dest: Destination) -> str:
+    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+
+
+def _make_ae(calling_ae_title: str) -> AE:
+    ae = AE(ae_title=calling_ae_title)
+    ae.connection_timeout = CONNECT_TIMEOUT_S
+    ae.acse_timeout = ACSE_TIMEOUT_S
+    ae.dimse_timeout = DIMSE_TIMEOUT_S
+    ae.network_timeout = NETWORK_TIMEOUT_S
+    return ae
+
+
+def _no_association(assoc: Association, dest: Destination) -> str:
+    """Why an association to ``dest`` was not established, in one line."""
+    if assoc.is_rejected:
+        primitive: Any = assoc.acceptor.primitive
+        parts = []
+        for label, attr in (("result", "result_str"), ("source", "source_str")):
+            value = getattr(primitive, attr, None)
+            if value:
+                parts.append(f"{label} {value}")
+        reason = getattr(primitive, "reason_str", None)
+        if reason:
+            parts.append(f"reason {reason!r}")
+        detail = f" ({', '.join(parts)})" if parts else ""
+        return f"association rejected by {_peer(dest)}{detail}; check its AE title configuration"
+    if assoc.is_aborted:
+        return f"association aborted by {_peer(dest)} during negotiation"
+    return (
+        f"no association with {_peer(dest)}: connection refused, unreachable "
+        f"or timed out after {CONNECT_TIMEOUT_S:.0f} s"
+    )
+
+
+def _sop_classes(paths: Sequence[Path]) -> list[str]:
+    classes: dict[str, None] = {}
+    for path in paths:
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        classes[str(header.get("SOPClassUID", "") or CT_IMAGE_STORAGE)] = None
+    return list(classes)
+
+
+def send_series(
+    paths: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    should_stop: Callable[[], bool] | None = None,
+) -> SendResult:
+    """C-STORE ``paths`` to ``destination`` over one association.
+
+    Stops at the first instance the peer refuses (the rest would most likely be
+    refused too, e.g. when it is out of space) and reports its status.
+
+    Parameters
+    ----------
+    paths
+        Part 10 files of one derived series.
+    destination
+        The peer.
+    calling_ae_title
+        Our AE title (``node.ae_title``).
+    should_stop
+        Checked before each instance; when it returns True the association is released
+        and the result is ``interrupted``.
+    """
+    if isinstance(paths, str | Path):
+        raise TypeError("paths: expected a sequence of paths, not a single path")
+    if not paths:
+        raise ValueError("paths: nothing to send")
+    total = len(paths)
+    try:
+        classes = _sop_classes(paths)
+    except (OSError, ValueError) as exc:
+        return SendResult(False, 0, total, f"cannot read derived files: {exc}")
+    if len(classes) > _MAX_CONTEXTS:
+        return SendResult(False, 0, total, f"{len(classes)} SOP classes in one series")
+    ae = _make_ae(calling_ae_title)
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, list(SEND_TRANSFER_SYNTAXES))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    try:
+        if not assoc.is_established:
+            return SendResult(False, 0, total, _no_association(assoc, destination))
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        missing = [c for c in classes if c not in accepted]
+        if missing:
+            return SendResult(
+                False,
+                0,
+                total,
+                f"{_peer(destination)} does not accept SOP class {missing[0]} "
+                "with an uncompressed little endian transfer syntax",
+            )
+        sent = 0
+        for path in paths:
+            if should_stop is not None and should_stop():
+                return SendResult(False, sent, total, "interrupted by shutdown", interrupted=True)
+            try:
+                ds: Dataset = dcmread(path)
+                status = assoc.send_c_store(ds)
+            except (OSError, ValueError, RuntimeError) as exc:
+                return SendResult(
+                    False,
+                    sent,
+                    total,
+                    f"cannot send {path.name} to {_peer(destination)}: "
+                    f"{type(exc).__name__}: {exc}",
+                )
+            code = status.get("Status") if status else None
+            if code is None:
+                state = "aborted" if assoc.is_aborted else "timed out or was released"
+                return SendResult(
+                    False,
+                    sent,
+                    total,
+                    f"no C-STORE response from {_peer(destination)} after {sent}/{total} "
+                    f"instance(s): the association {state}",
+                )
+            if not _is_accepted(int(code)):
+                comment = str(status.get("ErrorComment", "") or "").strip()
+                return SendResult(
+                    False,
+                    sent,
+                    total,
+                    f"{_peer(destination)} answered C-STORE with {describe_status(int(code))}"
+                    f"{f' {comment!r}' if comment else ''} after {sent}/{total} instance(s)",
+                )
+            sent += 1
+        return SendResult(True, sent, total)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif assoc.is_alive():
+            assoc.abort()
+        ae.shutdown()
+
+
+def echo(
+    destination: Destination, *, calling_ae_title: str = "LDCT_NODE"
+) -> tuple[bool, str]:
+    """C-ECHO ``destination``.
+
+    Returns
+    -------
+    tuple[bool, str]
+        Whether it answered success, and a one-line message saying what happened.
+    """
+    ae = _make_ae(calling_ae_title)
+    ae.add_requested_context(Verification, list(SEND_TRANSFER_SYNTAXES))
+    started = time.monotonic()
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    try:
+        if not assoc.is_established:
+            return False, _no_association(assoc, destination)
+        status = assoc.send_c_echo()
+        code = status.get("Status") if status else None
+        elapsed_ms = (time.monotonic() - started) * 1000.0
+        if code is None:
+            return False, f"no C-ECHO response from {_peer(destination)}"
+        if int(code) != 0:
+            return False, f"{_peer(destination)} answered C-ECHO with 0x{int(code):04X}"
+        return True, f"C-ECHO to {_peer(destination)} succeeded in {elapsed_ms:.0f} ms"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif assoc.is_alive():
+            assoc.abort()
+        ae.shutdown()
+
+
+def derived_files(output_dir: str | Path) -> list[Path]:
+    """The instances of a derived series directory, in name order."""
+    return sorted(p for p in Path(output_dir).glob("*.dcm") if p.is_file())
+
+
+class Forwarder:
+    """Sends the due forwards of the job table; one instance per node process.
+
+    :meth:`run_due` is called by the scheduler (periodically and when the worker has
+    finished a job); concurrent calls return at once while one is sending.
+    """
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Make a running :meth:`run_due` stop before its next instance."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run_due(self) -> int:
+        """Attempt every forward that is due now (each at most once per call).
+
+        Returns
+        -------
+        int
+            The number of attempts made (0 when another call is already sending).
+        """
+        if not self._busy.acquire(blocking=False):
+            return 0
+        try:
+            tried: set[int] = set()
+            while not self._stop.is_set():
+                due = [f for f in self.db.due_forwards() if f.id not in tried]
+                if not due:
+                    break
+                for fwd in due:
+                    if self._stop.is_set():
+                        break
+                    tried.add(fwd.id)
+                    self.forward(fwd)
+            return len(tried)
+        finally:
+            self._busy.release()
+
+    def forward(self, fwd: ForwardInfo) -> JobState | None:
+        """One attempt to send ``fwd``'s derived series; books the result.
+
+        Returns
+        -------
+        JobState | None
+            The job's state afterwards, or None when a shutdown interrupted the attempt
+            (nothing booked: the forward stays due).
+        """
+        max_attempts = self.settings.forward.max_attempts
+        try:
+            dest = self.settings.destination(fwd.destination)
+        except KeyError:
+            return self._book(
+                fwd,
+                SendResult(
+                    False,
+                    0,
+                    fwd.n_instances or 0,
+                    f"destination {fwd.destination!r} is no longer configured "
+                    "(add it back to [[destinations]], or retry the job to reprocess it "
+                    "for the current destinations)",
+                ),
+                max_attempts=fwd.attempts + 1,
+            )
+        paths = derived_files(fwd.output_dir) if fwd.output_dir else []
+        if not paths or (fwd.n_instances is not None and len(paths) != fwd.n_instances):
+            return self._book(
+                fwd,
+                SendResult(
+                    False,
+                    0,
+                    fwd.n_instances or 0,
+                    f"derived files missing in {fwd.output_dir} ({len(paths)} of "
+                    f"{fwd.n_instances} found; purged or deleted?): retry the job to "
+                    "reprocess the series",
+                ),
+                max_attempts=fwd.attempts + 1,
+            )
+        result = send_series(
+            paths,
+            dest,
+            calling_ae_title=self.settings.node.ae_title,
+            should_stop=self._stop.is_set,
+        )
+        if result.interrupted:
+            logger.info(
+                "job %d: forward to %s interrupted by shutdown; it stays pending",
+                fwd.job_id,
+                fwd.destination,
+            )
+            return None
+        return self._book(fwd, result, max_attempts=max_attempts)
+
+    def _book(self, fwd: ForwardInfo, result: SendResult, *, max_attempts: int) -> JobState:
+        now = datetime.now(UTC)
+        attempt = fwd.attempts + 1
+        delay = self.settings.forward.delay_for(attempt)
+        state = self.db.record_forward_result(
+            fwd.job_id,
+            fwd.destination,
+            ok=result.ok,
+            n_sent=result.n_sent,
+            max_attempts=max_attempts,
+            error=None if result.ok else result.error,
+            next_attempt_at=None if result.ok else now + timedelta(seconds=delay),
+            now=now,
+        )
+        if result.ok:
+            logger.info(
+                "job %d: forwarded derived series %s (%d instance(s)) to %s",
+                fwd.job_id,
+                fwd.derived_series_uid,
+                result.n_sent,
+                fwd.destination,
+            )
+        elif attempt >= max_attempts:
+            logger.warning(
+                "job %d: forward to %s failed for good (attempt %d/%d): %s",
+                fwd.job_id,
+                fwd.destination,
+                attempt,
+                max_attempts,
+                result.error,
+            )
+        else:
+            logger.warning(
+                "job %d: forward to %s failed (attempt %d/%d), next try in %g s: %s",
+                fwd.job_id,
+                fwd.destination,
+                attempt,
+                max_attempts,
+                delay,
+                result.error,
+            )
+        return state
