@@ -218,7 +218,7 @@ def denoise(
             progress_factory=progress_bar,
         )
         for line in summary.lines():
-            out.print(line, highlight=False, markup=False)
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
         if summary.failed:
             raise CommandFailedError(
                 f"{summary.failed} of {summary.total} series failed; "

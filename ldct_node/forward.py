@@ -190,8 +190,7 @@ def send_series(
                     False,
                     sent,
                     total,
-                    f"cannot send {path.name} to {_peer(destination)}: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"cannot send {path.name} to {_peer(destination)}: {type(exc).__name__}: {exc}",
                 )
             code = status.get("Status") if status else None
             if code is None:
@@ -222,9 +221,7 @@ def send_series(
         ae.shutdown()
 
 
-def echo(
-    destination: Destination, *, calling_ae_title: str = "LDCT_NODE"
-) -> tuple[bool, str]:
+def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tuple[bool, str]:
     """C-ECHO ``destination``.
 
     Returns

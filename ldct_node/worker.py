@@ -3,22 +3,34 @@
 :func:`denoise_series` is the one pipeline both the node's worker and the offline
 ``ldct-node denoise`` use: decode -> HU -> cascade -> one derived series per output
 profile, written durably.
+
+:class:`Worker` is the node's job loop around it: it claims queued jobs, runs the
+cascade once per claim for the job's output profile, writes the derived series into
+the spool and hands it on for forwarding. Between batches it checks for a shutdown
+(the job goes back to ``queued``) and for a cancellation (noticed by the heartbeat).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
-from ldct_node.config import DicomSettings, OutputProfile
+from ldct_node.config import DicomSettings, OutputProfile, Settings
+from ldct_node.db import Database, Job, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicomio import InputError, decode_hu, read_instance
 from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +132,11 @@ STALE_AFTER_SECONDS = 300.0
 ERROR_PAUSE_SECONDS = 5.0
 
 
-class _Interrupted(Exception):
+class _ShutdownRequestedError(Exception):
     """The node is shutting down: hand the job back to the queue."""
 
 
-class _Abandoned(Exception):
+class _JobLostError(Exception):
     """The job is no longer ours (cancelled, or re-queued by someone else)."""
 
 
@@ -285,9 +297,9 @@ class Worker:
 
             def checkpoint(_done: int = 0) -> None:
                 if self._stop.is_set():
-                    raise _Interrupted
+                    raise _ShutdownRequestedError
                 if beat.lost.is_set():
-                    raise _Abandoned
+                    raise _JobLostError
 
             try:
                 datasets = self._load(job, checkpoint)
@@ -304,10 +316,10 @@ class Worker:
                     output_root,
                     progress=checkpoint,
                 )
-            except _Interrupted:
+            except _ShutdownRequestedError:
                 self._hand_back(job.id)
                 return JobState.QUEUED
-            except _Abandoned:
+            except _JobLostError:
                 return self._abandoned(job.id, output_root)
             except _JobInputError as exc:
                 return self._fail(job.id, str(exc))
@@ -349,7 +361,7 @@ class Worker:
         if not paths:
             raise _JobInputError(
                 f"series {job.series_instance_uid} has no instances to process (all "
-                "skipped, or purged): re-send it, or cancel job {job.id}"
+                f"skipped, or purged): re-send it, or cancel job {job.id}"
             )
         datasets: list[Dataset] = []
         for path in paths:
@@ -368,8 +380,9 @@ class Worker:
         if state == JobState.FAILED:
             logger.warning("job %d failed: %s", job_id, reason)
         else:
-            logger.info("job %d: failed (%s) but its series changed; back to %s", job_id,
-                        reason, state)
+            logger.info(
+                "job %d: failed (%s) but its series changed; back to %s", job_id, reason, state
+            )
         return state
 
     def _hand_back(self, job_id: int) -> None:

@@ -199,8 +199,9 @@ def test_water_stays_unbiased_at_both_doses(geometry: str) -> None:
         assert abs(float(image[region].mean())) < 2.0, name
     outside = _inner(phantom.masks["air"], 4)
     assert abs(float(result.truth_recon[outside].mean()) + 1000.0) < 2.0
-    # The noiseless reconstruction differs from the truth only by blur at the edge.
-    assert float(np.abs(result.truth_recon - phantom.image)[region].max()) < 5.0
+    # The noiseless reconstruction differs from the truth only by blur at the edge
+    # (wider for fan beam: its rays are interpolated twice).
+    assert float(np.abs(result.truth_recon - phantom.image)[_inner(region, 4)].max()) < 5.0
     assert result.geometry == geometry and result.i0 == default_i0(128, geometry)
     assert result.n_angles == default_n_angles(128, geometry)
 
@@ -228,15 +229,22 @@ def test_body_noise_is_in_the_clinical_range() -> None:
     full = float(np.std((result.full_dose - result.truth_recon)[region]))
     low = float(np.std((result.low_dose - result.truth_recon)[region]))
     assert 7.0 < full < 20.0
-    assert 1.7 < low / full < 2.3
+    # a little above 1/sqrt(0.25): the electronic noise weighs on the low-count rays
+    assert 1.8 < low / full < 2.6
 
 
 def test_same_seed_same_scan_other_seed_other_noise() -> None:
     phantom = make_phantom(64, np.random.default_rng(0))
     kwargs = {"dose_fraction": 0.25}
-    a = simulate_scan(phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(9), **kwargs)
-    b = simulate_scan(phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(9), **kwargs)
-    c = simulate_scan(phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(10), **kwargs)
+    a = simulate_scan(
+        phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(9), **kwargs
+    )
+    b = simulate_scan(
+        phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(9), **kwargs
+    )
+    c = simulate_scan(
+        phantom.image, phantom.pixel_spacing_mm, rng=np.random.default_rng(10), **kwargs
+    )
     np.testing.assert_array_equal(a.low_dose, b.low_dose)
     np.testing.assert_array_equal(a.full_dose, b.full_dose)
     assert not np.array_equal(a.low_dose, c.low_dose)
@@ -350,6 +358,8 @@ def test_lesions_have_the_promised_contrast_and_size() -> None:
             assert lesion.radius_px * with_.pixel_spacing_mm <= lesion.diameter_mm / 2 + 1e-6
             yy, xx = np.indices(diff.shape)
             core = np.hypot(yy - lesion.row, xx - lesion.col) < lesion.radius_px - 1
+            # lesions sit in their organ's tissue (a vessel crossing them stays a vessel)
+            core &= with_.masks[lesion.organ]
             if core.any():
                 np.testing.assert_allclose(diff[core], lesion.contrast_hu, atol=1e-3)
                 found += 1

@@ -53,8 +53,9 @@ MU_WATER_PER_MM = 0.0192
 #: Full-dose incident photons per ray and view for a 512 x 512 parallel-beam scan; other
 #: sizes scale it (see :func:`default_i0`).
 I0_AT_512 = 4.0e5
-#: Standard deviation of the electronic (detector read-out) noise, in photon counts.
-DEFAULT_ELECTRONIC_NOISE = 3.0
+#: Standard deviation of the electronic (read-out) noise, in photon counts, of the
+#: 512 x 512 reference scan; other sizes scale it (see :func:`default_electronic_noise`).
+ELECTRONIC_NOISE_AT_512 = 3.0
 #: Reconstruction filter: ramp with a Hamming window, close to a clinical "standard"
 #: soft-tissue kernel (noise power peaks near 0.2 cycles per pixel).
 DEFAULT_FILTER = "hamming"
@@ -330,6 +331,30 @@ def fbp(
 # ======================================================================================
 
 
+def default_i0(size: int, geometry: str = "parallel") -> float:
+    """Full-dose incident count per ray and view that gives clinical noise at any size.
+
+    FBP noise grows as ``sqrt(size / (i0 * views / size))``-ish per pixel, so the count is
+    scaled with the image size to keep the noise per pixel at the level of a 512 x 512
+    abdomen reconstructed with a standard kernel (measured on the body phantom, Hamming
+    window: 11-15 HU at full dose, 22-30 HU at quarter dose). A fan-beam scan has twice
+    the views (360 degrees), so half the count per view gives the same dose.
+    """
+    if size < 2:
+        raise ValueError(f"size: must be >= 2, got {size}")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
+    per_view = I0_AT_512 * size / 512.0
+    return per_view / 2.0 if geometry == "fan" else per_view
+
+
+def default_electronic_noise(size: int, geometry: str = "parallel") -> float:
+    """Read-out noise (counts) that weighs as much against :func:`default_i0` as the
+    reference 3 counts do against 4e5 photons at 512 x 512, so that the low-dose noise
+    exceeds the 1/sqrt(dose) law by the same amount at any size."""
+    return ELECTRONIC_NOISE_AT_512 * math.sqrt(default_i0(size, geometry) / I0_AT_512)
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """Reconstructions of one simulated slice (float32 HU, same shape as the truth).
@@ -438,7 +463,7 @@ def simulate_scan(
     dose_fraction: float,
     rng: np.random.Generator,
     i0: float | None = None,
-    electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
+    electronic_noise: float | None = None,
     n_angles: int | None = None,
     geometry: str = "parallel",
     filter_name: str = DEFAULT_FILTER,
@@ -462,7 +487,8 @@ def simulate_scan(
         clinical noise levels. Noise scales as ``1 / sqrt(i0)``.
     electronic_noise
         Standard deviation (counts) of Gaussian read-out noise added to every
-        measurement, at both doses; it matters only where few photons arrive.
+        measurement, at both doses; it matters only where few photons arrive. Default
+        :func:`default_electronic_noise` of the image size.
     n_angles
         Views over 180 degrees (parallel) or 360 degrees (fan, must be even); default
         :func:`default_n_angles`.
@@ -488,7 +514,7 @@ def simulate_scan(
         raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
     if i0 is not None and not i0 > 0:
         raise ValueError(f"i0: must be > 0, got {i0}")
-    if not electronic_noise >= 0:
+    if electronic_noise is not None and not electronic_noise >= 0:
         raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
     if not mu_water_per_mm > 0:
         raise ValueError(f"mu_water_per_mm: must be > 0, got {mu_water_per_mm}")
@@ -501,6 +527,8 @@ def simulate_scan(
     size = truth.shape[0]
     views = default_n_angles(size, geometry) if n_angles is None else int(n_angles)
     counts = default_i0(size, geometry) if i0 is None else float(i0)
+    if electronic_noise is None:
+        electronic_noise = default_electronic_noise(size, geometry)
     if views < 4 or (geometry == "fan" and views % 2):
         raise ValueError(f"n_angles: must be >= 4 (and even for fan beam), got {n_angles}")
 
@@ -1123,7 +1151,8 @@ def _body_masks(c: _Canvas, lesions: Sequence[Lesion]) -> dict[str, np.ndarray]:
     if lesions:
         yy, xx = np.indices(lab.shape)
         for les in lesions:
-            lesion_mask |= np.hypot(yy - les.row, xx - les.col) <= les.radius_px
+            # the soft edge reaches half a pixel beyond the radius
+            lesion_mask |= np.hypot(yy - les.row, xx - les.col) < les.radius_px + 0.5
     masks["lesion"] = lesion_mask
     return masks
 
@@ -1197,23 +1226,6 @@ def low_dose_dir_name(dose_fraction: float) -> str:
     return f"low_dose_{dose_fraction * 100:g}"
 
 
-def default_i0(size: int, geometry: str = "parallel") -> float:
-    """Full-dose incident count per ray and view that gives clinical noise at any size.
-
-    FBP noise grows as ``sqrt(size / (i0 * views / size))``-ish per pixel, so the count is
-    scaled with the image size to keep the noise per pixel at the level of a 512 x 512
-    abdomen reconstructed with a standard kernel (measured on the body phantom, Hamming
-    window: 11-15 HU at full dose, 22-30 HU at quarter dose). A fan-beam scan has twice
-    the views (360 degrees), so half the count per view gives the same dose.
-    """
-    if size < 2:
-        raise ValueError(f"size: must be >= 2, got {size}")
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
-    per_view = I0_AT_512 * size / 512.0
-    return per_view / 2.0 if geometry == "fan" else per_view
-
-
 @dataclass(frozen=True)
 class _SliceTask:
     case_index: int
@@ -1226,7 +1238,7 @@ class _SliceTask:
     resample_to: int | None
     dose_fraction: float
     i0: float | None
-    electronic_noise: float
+    electronic_noise: float | None
     n_angles: int | None
     geometry: str
     filter_name: str
@@ -1446,7 +1458,7 @@ def simulate_dataset(
     seed: int = 0,
     source_series: Sequence[Path | str] | None = None,
     progress: bool = True,
-    electronic_noise: float = DEFAULT_ELECTRONIC_NOISE,
+    electronic_noise: float | None = None,
     n_angles: int | None = None,
     geometry: str = "parallel",
     filter_name: str = DEFAULT_FILTER,
@@ -1488,7 +1500,8 @@ def simulate_dataset(
         Low-dose count relative to full dose, in (0, 1].
     i0
         Full-dose incident photons per ray and view; default :func:`default_i0` of the
-        image size (clinical noise levels at any size).
+        image size (clinical noise levels at any size). The value used is recorded per
+        case in simulation.json, as is the electronic noise.
     seed
         Seeds the anatomy (per case) and the noise (per slice).
     source_series
@@ -1528,7 +1541,7 @@ def simulate_dataset(
         raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
     if i0 is not None and not i0 > 0:
         raise ValueError(f"i0: must be > 0, got {i0}")
-    if not electronic_noise >= 0:
+    if electronic_noise is not None and not electronic_noise >= 0:
         raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
@@ -1552,7 +1565,7 @@ def simulate_dataset(
         "resample_to": size if resample_sources else None,
         "dose_fraction": float(dose_fraction),
         "i0": None if i0 is None else float(i0),
-        "electronic_noise": float(electronic_noise),
+        "electronic_noise": None if electronic_noise is None else float(electronic_noise),
         "n_angles": n_angles,
         "geometry": geometry,
         "filter_name": filter_name,
@@ -1576,7 +1589,7 @@ def simulate_dataset(
         "dose_fraction": float(dose_fraction),
         "i0": i0,
         "i0_default": i0 is None,
-        "electronic_noise": float(electronic_noise),
+        "electronic_noise": electronic_noise,
         "n_angles": n_angles,
         "geometry": geometry,
         "filter_name": filter_name,
@@ -1745,6 +1758,7 @@ def _write_case(
         "pixel_spacing_mm": spacing,
         "slice_spacing_mm": case.slice_spacing_mm,
         "i0": first.i0,
+        "electronic_noise": first.electronic_noise,
         "n_angles": first.n_angles,
         "n_detectors": first.n_detectors,
         "files": counts,
