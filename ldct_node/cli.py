@@ -321,6 +321,336 @@ def train(
         out.print_json(json.dumps(manifest["metrics"]))
 
 
+# --------------------------------------------------------------------------- serve + admin
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _open_db(settings: Settings) -> Any:
+    from ldct_node.db import open_database
+
+    return open_database(settings)
+
+
+def _when(value: Any) -> str:
+    """A timestamp for tables: local time, seconds."""
+    if value is None:
+        return "-"
+    return str(value.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _short(text: str | None, limit: int = 90) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: DICOM receiver, scheduler, worker and forwarder in one process.
+
+    Stops cleanly on SIGTERM or SIGINT (a running job goes back to the queue).
+    """
+    with _errors():
+        from sqlalchemy.engine import make_url
+
+        from ldct_node.model.cascade import WeightsError
+        from ldct_node.node import Node
+
+        # APScheduler logs every run of every duty at INFO: far too chatty for operators.
+        logging.getLogger("apscheduler").setLevel(
+            logging.DEBUG if _state["debug"] else logging.WARNING
+        )
+        settings = _settings(config)
+        node = Node(settings)
+
+        def ready(running: Node) -> None:
+            host, port = running.address
+            db_url = make_url(settings.database_url).render_as_string(hide_password=True)
+            out.print(
+                f"ldct-node {__version__}: {settings.node.ae_title} listening on {host}:{port}"
+                f"{' (TLS)' if settings.security.tls_enabled else ''}; "
+                f"spool {settings.spool_path}; database {db_url}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        try:
+            node.serve_forever(on_ready=ready)
+        except WeightsError as exc:
+            raise UsageError(f"model.weights_dir: {exc}") from None
+        out.print("ldct-node stopped", highlight=False)
+
+
+def _health(summary: Any, forwarding: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Forward errors of jobs still forwarding, and the problems that make status exit 1."""
+    forward_errors = [
+        {
+            "job_id": f.job_id,
+            "destination": f.destination,
+            "attempts": f.attempts,
+            "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
+            "last_error": f.last_error,
+        }
+        for job in forwarding
+        for f in job.forwards
+        if f.state == "pending" and f.last_error
+    ]
+    problems: list[str] = []
+    failed = summary.counts.get("failed", 0)
+    if failed:
+        problems.append(
+            f"{failed} failed job(s): see `ldct-node jobs --state failed`, then retry or cancel"
+        )
+    if forward_errors:
+        dests = sorted({e["destination"] for e in forward_errors})
+        problems.append(
+            f"{len(forward_errors)} forward(s) retrying after errors "
+            f"(destination {', '.join(dests)})"
+        )
+    return forward_errors, problems
+
+
+@app.command()
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Queue depth, jobs by state, throughput and last errors.
+
+    Exit status 0 when healthy, 1 when there are failed jobs or forwards retrying after
+    errors (for monitoring), 2 on a config problem.
+    """
+    with _errors():
+        from rich.table import Table
+
+        settings = _settings(config)
+        db = _open_db(settings)
+        try:
+            summary = db.status_summary()
+            forwarding = db.list_jobs(state="forwarding")
+        finally:
+            db.close()
+        forward_errors, problems = _health(summary, forwarding)
+        healthy = not problems
+        if as_json:
+            data = summary.as_dict()
+            data.update(healthy=healthy, problems=problems, forward_errors=forward_errors)
+            out.print_json(json.dumps(data))
+        else:
+            verdict = "[green]healthy[/]" if healthy else "[bold red]needs attention[/]"
+            out.print(f"ldct-node status: {verdict}")
+            for line in problems:
+                out.print(f"  [red]•[/] {line}", highlight=False)
+            table = Table(title="Jobs by state", title_justify="left")
+            table.add_column("state")
+            table.add_column("jobs", justify="right")
+            for state_name, count in summary.counts.items():
+                table.add_row(state_name, str(count))
+            out.print(table)
+            out.print(
+                f"queue depth {summary.queue_depth} "
+                f"(oldest queued {_when(summary.oldest_queued_at)}); "
+                f"pending forwards {summary.pending_forwards}",
+                highlight=False,
+            )
+            out.print(
+                f"last hour: {summary.done_last_hour} job(s) done, "
+                f"{summary.failed_last_hour} failed, {summary.instances_last_hour} instance(s) "
+                "received",
+                highlight=False,
+            )
+            if forward_errors:
+                ftable = Table(title="Forwards retrying", title_justify="left")
+                for col in ("job", "destination", "attempts", "next try", "last error"):
+                    ftable.add_column(col)
+                for fwd in forward_errors:
+                    ftable.add_row(
+                        str(fwd["job_id"]),
+                        fwd["destination"],
+                        str(fwd["attempts"]),
+                        fwd["next_attempt_at"] or "-",
+                        _short(fwd["last_error"]),
+                    )
+                out.print(ftable)
+            if summary.last_errors:
+                etable = Table(title="Last errors", title_justify="left")
+                for col in ("job", "state", "at", "error"):
+                    etable.add_column(col)
+                for err in summary.last_errors:
+                    etable.add_row(str(err.job_id), err.state, _when(err.at), _short(err.error))
+                out.print(etable)
+        if not healthy:
+            raise typer.Exit(1)
+
+
+def _forwards_text(job: Any) -> str:
+    parts = []
+    for f in job.forwards:
+        total = job.n_instances if job.n_instances is not None else "?"
+        parts.append(f"{f.destination}: {f.state} {f.n_sent}/{total}")
+    return ", ".join(parts) or "-"
+
+
+@app.command()
+def jobs(
+    config: ConfigOption = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state",
+            help="Only jobs in this state: receiving, queued, running, forwarding, done, "
+            "failed, cancelled.",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the newest N jobs.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs (oldest first)."""
+    with _errors():
+        from rich.table import Table
+
+        from ldct_node.db import JobState
+
+        if limit is not None and limit < 1:
+            raise UsageError(f"--limit: must be >= 1, got {limit}")
+        settings = _settings(config)
+        if state is not None and state not in {s.value for s in JobState}:
+            valid = ", ".join(s.value for s in JobState)
+            raise UsageError(f"--state: {state!r} is not one of {valid}")
+        db = _open_db(settings)
+        try:
+            rows = db.list_jobs(state=state, limit=limit)
+        finally:
+            db.close()
+        if as_json:
+            out.print_json(json.dumps([job.as_dict() for job in rows]))
+            return
+        table = Table(show_lines=False)
+        for col in (
+            "id",
+            "state",
+            "profile",
+            "source series",
+            "inst.",
+            "tries",
+            "updated",
+            "forwards",
+            "error",
+        ):
+            table.add_column(col, overflow="fold")
+        for job in rows:
+            table.add_row(
+                str(job.id),
+                job.state,
+                job.profile,
+                job.series_instance_uid,
+                str(job.source_instances),
+                str(job.attempts),
+                _when(job.updated_at),
+                _forwards_text(job),
+                _short(job.error, 60),
+            )
+        out.print(table)
+        out.print(f"{len(rows)} job(s)", highlight=False)
+
+
+def _change_job(config: Path | None, job_id: int, action: str) -> None:
+    from ldct_node.db import JobNotFoundError, TransitionError
+
+    hints = {
+        "retry": "retry applies to failed or cancelled jobs",
+        "cancel": "cancel applies to jobs that are not done or cancelled",
+    }
+    settings = _settings(config)
+    db = _open_db(settings)
+    try:
+        if action == "retry":
+            db.retry_job(job_id)
+        else:
+            db.cancel_job(job_id)
+        new_state = db.get_job(job_id).state
+    except JobNotFoundError as exc:
+        raise CommandFailedError(str(exc)) from None
+    except TransitionError as exc:
+        raise UsageError(f"{exc} ({hints[action]})") from None
+    finally:
+        db.close()
+    out.print(f"job {job_id} is now {new_state}", highlight=False)
+
+
+@app.command()
+def retry(
+    job_id: Annotated[int, typer.Argument(help="The job's id (see `ldct-node jobs`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Queue a failed or cancelled job again (it is reprocessed; only failed forwards are
+    resent)."""
+    with _errors():
+        _change_job(config, job_id, "retry")
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="The job's id (see `ldct-node jobs`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a job that is not done (a running one stops at its next heartbeat)."""
+    with _errors():
+        _change_job(config, job_id, "cancel")
+
+
+@app.command()
+def purge(
+    config: ConfigOption = None,
+    older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--older-than",
+            help="Age in days (default: storage.retention_days); 0 = every finished series.",
+        ),
+    ] = None,
+) -> None:
+    """Delete spooled source and derived files of finished (done or cancelled) series."""
+    with _errors():
+        if older_than is not None and not older_than >= 0:
+            raise UsageError(f"--older-than: must be a number of days >= 0, got {older_than}")
+        from ldct_node.scheduler import purge_expired
+        from ldct_node.spool import Spool
+
+        settings = _settings(config)
+        days = settings.storage.retention_days if older_than is None else older_than
+        db = _open_db(settings)
+        try:
+            report = purge_expired(db, Spool(settings.spool_path), days)
+        finally:
+            db.close()
+        out.print(
+            f"purged {report.series} series ({report.paths} files or folders) older than "
+            f"{days:g} day(s)"
+            + (f"; {report.skipped} skipped (see log)" if report.skipped else ""),
+            highlight=False,
+        )
+
+
+@app.command()
+def echo(
+    destination: Annotated[str, typer.Argument(help="A [[destinations]] name.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a configured destination (exit 1 if it does not answer success)."""
+    with _errors():
+        from ldct_node.forward import echo as send_echo
+
+        settings = _settings(config)
+        try:
+            dest = settings.destination(destination)
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        ok, message = send_echo(dest, calling_ae_title=settings.node.ae_title)
+        if not ok:
+            raise CommandFailedError(message)
+        out.print(message, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     command = typer.main.get_command(app)

@@ -28,7 +28,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
@@ -96,8 +96,25 @@ def _make_ae(calling_ae_title: str) -> AE:
     return ae
 
 
-def _no_association(assoc: Association, dest: Destination) -> str:
+def _associate(ae: AE, dest: Destination) -> tuple[Association, threading.Event]:
+    """Request an association; the event tells whether a TCP connection was made at all."""
+    connected = threading.Event()
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.set())],
+    )
+    return assoc, connected
+
+
+def _no_association(assoc: Association, dest: Destination, connected: bool) -> str:
     """Why an association to ``dest`` was not established, in one line."""
+    if not connected:
+        return (
+            f"no association with {_peer(dest)}: connection refused, unreachable "
+            f"or timed out after {CONNECT_TIMEOUT_S:.0f} s"
+        )
     if assoc.is_rejected:
         primitive: Any = assoc.acceptor.primitive
         parts = []
@@ -111,11 +128,8 @@ def _no_association(assoc: Association, dest: Destination) -> str:
         detail = f" ({', '.join(parts)})" if parts else ""
         return f"association rejected by {_peer(dest)}{detail}; check its AE title configuration"
     if assoc.is_aborted:
-        return f"association aborted by {_peer(dest)} during negotiation"
-    return (
-        f"no association with {_peer(dest)}: connection refused, unreachable "
-        f"or timed out after {CONNECT_TIMEOUT_S:.0f} s"
-    )
+        return f"no association with {_peer(dest)}: it aborted during negotiation"
+    return f"no association with {_peer(dest)}: no answer to the association request"
 
 
 def _sop_classes(paths: Sequence[Path]) -> list[str]:
@@ -164,10 +178,11 @@ def send_series(
     ae = _make_ae(calling_ae_title)
     for sop_class in classes:
         ae.add_requested_context(sop_class, list(SEND_TRANSFER_SYNTAXES))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc, connected = _associate(ae, destination)
     try:
         if not assoc.is_established:
-            return SendResult(False, 0, total, _no_association(assoc, destination))
+            reason = _no_association(assoc, destination, connected.is_set())
+            return SendResult(False, 0, total, reason)
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         missing = [c for c in classes if c not in accepted]
         if missing:
@@ -232,10 +247,10 @@ def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tu
     ae = _make_ae(calling_ae_title)
     ae.add_requested_context(Verification, list(SEND_TRANSFER_SYNTAXES))
     started = time.monotonic()
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc, connected = _associate(ae, destination)
     try:
         if not assoc.is_established:
-            return False, _no_association(assoc, destination)
+            return False, _no_association(assoc, destination, connected.is_set())
         status = assoc.send_c_echo()
         code = status.get("Status") if status else None
         elapsed_ms = (time.monotonic() - started) * 1000.0

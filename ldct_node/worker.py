@@ -317,8 +317,7 @@ class Worker:
                     progress=checkpoint,
                 )
             except _ShutdownRequestedError:
-                self._hand_back(job.id)
-                return JobState.QUEUED
+                return self._hand_back(job.id)
             except _JobLostError:
                 return self._abandoned(job.id, output_root)
             except _JobInputError as exc:
@@ -385,11 +384,11 @@ class Worker:
             )
         return state
 
-    def _hand_back(self, job_id: int) -> None:
+    def _hand_back(self, job_id: int) -> JobState:
         """Shutdown during a job: ``running -> queued`` (only if it is still ours)."""
-        ids = _requeue_own(self.db, job_id, self.worker_id)
-        if ids:
+        if _requeue_own(self.db, job_id, self.worker_id):
             logger.info("job %d: interrupted by shutdown; queued again", job_id)
+        return JobState(self.db.get_job(job_id).state)
 
     def _abandoned(self, job_id: int, output_root: Path) -> JobState:
         state = JobState(self.db.get_job(job_id).state)

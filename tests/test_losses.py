@@ -65,22 +65,23 @@ def _np(x: object) -> np.ndarray:
 
 def test_vgg_preprocess_matches_keras_caffe_preprocessing() -> None:
     m = np.random.default_rng(0).uniform(-0.2, 1.2, (2, 5, 7, 1)).astype(np.float32)
-    rgb = np.repeat(np.clip(m, 0, 1) * 255.0, 3, axis=-1)
+    rgb = np.repeat(m * 255.0, 3, axis=-1)
     expected = keras.applications.vgg16.preprocess_input(rgb.copy())
     got = _np(vgg_preprocess(m))
     assert got.shape == (2, 5, 7, 3)
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_vgg_preprocess_values_and_clipping() -> None:
+def test_vgg_preprocess_values_extend_linearly_beyond_the_range() -> None:
     m = np.array([-0.5, 0.0, 0.5, 1.0, 3.0], np.float32).reshape(1, 1, 5, 1)
     got = _np(vgg_preprocess(m))[0, 0]
     means = np.array(VGG_CAFFE_MEANS_BGR, np.float32)
-    np.testing.assert_allclose(got[0], -means, atol=1e-4)
+    # No clipping: out-of-range values keep a gradient (see vgg_preprocess).
+    np.testing.assert_allclose(got[0], -127.5 - means, atol=1e-4)
     np.testing.assert_allclose(got[1], -means, atol=1e-4)
     np.testing.assert_allclose(got[2], 127.5 - means, atol=1e-4)
     np.testing.assert_allclose(got[3], 255.0 - means, atol=1e-4)
-    np.testing.assert_allclose(got[4], 255.0 - means, atol=1e-4)
+    np.testing.assert_allclose(got[4], 765.0 - means, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7), (2, 5, 7, 3), (5, 7, 1)])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from _dicom_util import HAVE_DCIODVFY, dciodvfy_errors
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
@@ -464,6 +465,9 @@ def test_dataset_layout_tags_and_pixels(tmp_path: Path) -> None:
         full_noise = np.std((series["full_dose"][1] - recon)[body])
         low_noise = np.std((series["quarter_dose"][1] - recon)[body])
         assert 1.5 < low_noise / full_noise < 2.6
+        if HAVE_DCIODVFY:
+            for name in folders:
+                assert dciodvfy_errors(case / name / "CT0001.dcm") == [], name
         record = manifest["cases"][number - 1]
         assert record["case_id"] == case.name and record["n_slices"] == 2
         assert record["files"] == {"full_dose": 2, "quarter_dose": 2, "truth": 2, "truth_recon": 2}

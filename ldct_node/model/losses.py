@@ -60,9 +60,12 @@ MIN_EXTRACTOR_SIZE = 8
 def vgg_preprocess(m: Any) -> Any:
     """Turn model-range images into VGG16 inputs.
 
-    Clips ``m`` to [0, 1], scales to 0..255, replicates the channel to three (BGR) and
-    subtracts the ImageNet means, exactly as ``keras.applications.vgg16.preprocess_input``
-    does for an RGB image whose three channels are equal.
+    Scales ``m`` so the model range [0, 1] maps to 0..255, replicates the channel to three
+    (BGR) and subtracts the ImageNet means, as ``keras.applications.vgg16.preprocess_input``
+    does for an RGB image whose three channels are equal. Values outside [0, 1] are not
+    clipped: a clip would zero the perceptual gradient there, and since the perceptual
+    term outweighs the MSE by orders of magnitude, nothing would then stop a network's
+    output drifting out of range (seen in training).
 
     Parameters
     ----------
@@ -84,7 +87,7 @@ def vgg_preprocess(m: Any) -> Any:
         raise ValueError(f"m must have shape (batch, height, width, 1), got {tuple(m.shape)}")
     # float32 even under mixed precision: 0..255 in float16 would lose the fine detail.
     m = ops.cast(m, "float32")
-    gray = ops.clip(m, 0.0, 1.0) * 255.0
+    gray = m * 255.0
     means = ops.cast(ops.convert_to_tensor(VGG_CAFFE_MEANS_BGR), gray.dtype)
     # Broadcasting (..., 1) against (3,) replicates the channel and centres it in one op.
     return gray - means

@@ -1,0 +1,189 @@
+"""The node process: receiver + scheduler + worker + forwarder (``ldct-node serve``).
+
+Start-up order (each step is safe to repeat after a crash):
+
+1. open the database and create missing tables;
+2. re-queue jobs left ``running`` by a previous process (``requeue_running``);
+3. remove half-written temporary files from the spool (``clean_tmp``);
+4. load the cascade once (``model.*``, weights from ``model.weights_dir``);
+5. start the C-STORE/C-ECHO receiver, the scheduler and the worker thread.
+
+Shutdown (SIGTERM or SIGINT, or :meth:`Node.request_stop`): stop accepting
+associations (running ones get a few seconds to finish), tell the worker to stop (a
+running job goes back to ``queued`` at its next batch boundary), interrupt a forward in
+progress (it stays pending), stop the scheduler and close the database. Nothing lives
+only in memory, so even a SIGKILL loses no accepted instance: the next start
+re-queues what was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ldct_node.config import Settings
+from ldct_node.db import Database, open_database
+from ldct_node.forward import Forwarder
+from ldct_node.model.cascade import Cascade
+from ldct_node.receive import start_receiver, stop_receiver
+from ldct_node.scheduler import NodeScheduler
+from ldct_node.spool import Spool
+from ldct_node.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+#: Seconds running associations get to finish at shutdown before they are aborted.
+RECEIVER_STOP_TIMEOUT_S = 10.0
+#: Seconds to wait for the worker to reach a batch boundary at shutdown.
+WORKER_STOP_TIMEOUT_S = 120.0
+
+
+class Node:
+    """One node process.
+
+    Parameters
+    ----------
+    settings
+        The validated configuration.
+    cascade
+        Already loaded networks (tests); default: loaded from ``settings.model`` at
+        :meth:`start`.
+    """
+
+    def __init__(self, settings: Settings, *, cascade: Cascade | None = None) -> None:
+        self.settings = settings
+        self.cascade = cascade
+        self.db: Database | None = None
+        self.spool: Spool | None = None
+        self.worker: Worker | None = None
+        self.forwarder: Forwarder | None = None
+        self.scheduler: NodeScheduler | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._worker_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._stopped = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the receiver listens on (the real port when configured as 0)."""
+        if self.server is None:
+            raise RuntimeError("the node is not started")
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Prepare storage, load the model and start every component.
+
+        Raises
+        ------
+        ldct_node.model.cascade.WeightsError
+            When the weights cannot be loaded (nothing is listening then).
+        OSError
+            When the port cannot be bound.
+        """
+        settings = self.settings
+        self.db = open_database(settings)
+        self.spool = Spool(settings.spool_path)
+        requeued = self.db.requeue_running()
+        if requeued:
+            logger.info("re-queued %d job(s) interrupted by the last shutdown", len(requeued))
+        self.spool.clean_tmp()
+        if self.cascade is None:
+            self.cascade = Cascade.load(
+                settings.weights_path,
+                batch_size=settings.model.batch_size,
+                device=settings.model.device,
+                precision=settings.model.precision,
+            )
+        self.forwarder = Forwarder(settings, self.db)
+        self.worker = Worker(settings, self.db, self.spool, self.cascade)
+        self.scheduler = NodeScheduler(
+            settings, self.db, self.spool, self.forwarder, on_queued=self.worker.wake
+        )
+        self.worker.on_forwarding = self.scheduler.wake_forward
+        try:
+            self.server = start_receiver(settings, self.db, self.spool)
+            self.scheduler.start()
+            self._worker_thread = threading.Thread(
+                target=self.worker.run_forever, name="worker", daemon=True
+            )
+            self._worker_thread.start()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info(
+            "node %s ready: model %s, %d output profile(s), %d destination(s)",
+            settings.node.ae_title,
+            self.cascade.model_version,
+            len(settings.outputs),
+            len(settings.destinations),
+        )
+
+    def request_stop(self) -> None:
+        """Ask :meth:`wait` to return (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a stop is requested; True if it was (False on timeout)."""
+        return self._stop.wait(timeout)
+
+    def stop(self) -> None:
+        """Shut every component down in order (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        logger.info("shutting down")
+        if self.worker is not None:
+            self.worker.stop()  # early: the running job checks this between batches
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.server is not None:
+            stop_receiver(self.server, timeout=RECEIVER_STOP_TIMEOUT_S)
+        if self._worker_thread is not None:
+            self._worker_thread.join(WORKER_STOP_TIMEOUT_S)
+            if self._worker_thread.is_alive():
+                logger.warning(
+                    "worker still busy after %g s; its job is re-queued at the next start",
+                    WORKER_STOP_TIMEOUT_S,
+                )
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.db is not None:
+            self.db.close()
+        logger.info("stopped")
+
+    def serve_forever(self, on_ready: Callable[[Node], None] | None = None) -> None:
+        """Start, run until SIGTERM/SIGINT, shut down cleanly. Call from the main thread.
+
+        Parameters
+        ----------
+        on_ready
+            Called once everything is started (e.g. to print the address).
+        """
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready(self)
+            while not self.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._stop.is_set():
+            logger.info("%s received; already shutting down", name)
+            return
+        logger.info("%s received; shutting down", name)
+        self.request_stop()

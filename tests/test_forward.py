@@ -1,0 +1,251 @@
+"""forward.py: C-STORE SCU to destinations, per-destination bookkeeping, C-ECHO."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from _dicom_util import make_ct_series
+from _net_util import LOOPBACK, free_port, node_settings
+from _node_util import echo_ok, needs_storescp, spool_series, storescp, wait_for
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from ldct_node.config import Destination, Settings
+from ldct_node.db import Database, JobState
+from ldct_node.forward import Forwarder, describe_status, echo, send_series
+from ldct_node.spool import Spool
+
+OUT_OF_RESOURCES = 0xA700
+
+
+@contextmanager
+def status_scp(
+    status: int, *, ae_title: str = "STATUS_SCP", strict_called_aet: bool = False
+) -> Iterator[tuple[int, list[str]]]:
+    """A pynetdicom storage SCP answering every C-STORE with ``status``.
+
+    Yields its port and the SOPInstanceUIDs it was offered.
+    """
+    seen: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        return status
+
+    ae = AE(ae_title=ae_title)
+    ae.require_called_aet = strict_called_aet
+    ae.add_supported_context(CTImageStorage)
+    ae.add_supported_context(Verification)
+    server = ae.start_server((LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield int(server.server_address[1]), seen
+    finally:
+        server.shutdown()
+
+
+def dest(port: int, ae_title: str = "PACS", name: str = "pacs") -> Destination:
+    return Destination(name=name, ae_title=ae_title, host=LOOPBACK, port=port)
+
+
+@needs_storescp
+def test_send_series_delivers_every_instance(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=3, size=16)
+    with storescp(tmp_path / "pacs") as pacs:
+        result = send_series(files, dest(pacs.port), calling_ae_title="LDCT_NODE")
+        received = pacs.datasets()
+    assert result.ok and result.n_sent == 3 and result.n_total == 3 and result.error is None
+    sent = {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    assert {ds.SOPInstanceUID for ds in received} == sent
+
+
+@needs_storescp
+def test_send_series_to_a_peer_that_only_takes_implicit_vr(tmp_path: Path) -> None:
+    # The derived files are explicit VR; offering implicit VR too lets any SCP take them.
+    files = make_ct_series(tmp_path, n=2, size=16)
+    pacs_dir = tmp_path / "pacs"
+    pacs_dir.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), "+xi", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: echo_ok(port, "PACS"), timeout=20, what="storescp")
+        result = send_series(files, dest(port), calling_ae_title="LDCT_NODE")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert result.ok, result.error
+    received = [pydicom.dcmread(p) for p in pacs_dir.iterdir()]
+    assert len(received) == 2
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {"1.2.840.10008.1.2"}
+
+
+def test_peer_failure_status_is_reported_with_code_and_meaning(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=3, size=16)
+    with status_scp(OUT_OF_RESOURCES) as (port, seen):
+        result = send_series(files, dest(port), calling_ae_title="LDCT_NODE")
+    assert not result.ok and result.n_sent == 0 and result.n_total == 3
+    assert result.error is not None
+    assert "0xA700" in result.error and "Out of Resources" in result.error
+    assert len(seen) == 1  # stops at the first refusal
+
+
+def test_warning_status_counts_as_delivered(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=2, size=16)
+    with status_scp(0xB000) as (port, seen):
+        result = send_series(files, dest(port), calling_ae_title="LDCT_NODE")
+    assert result.ok and result.n_sent == 2 and len(seen) == 2
+
+
+def test_no_listener_means_no_association(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=1, size=16)
+    result = send_series(files, dest(free_port()), calling_ae_title="LDCT_NODE")
+    assert not result.ok and result.n_sent == 0
+    assert result.error is not None and "no association" in result.error
+
+
+def test_rejected_association_names_the_rejection(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=1, size=16)
+    with status_scp(0, ae_title="RIGHT_AE", strict_called_aet=True) as (port, seen):
+        result = send_series(files, dest(port, ae_title="WRONG_AE"), calling_ae_title="X")
+        ok, message = echo(dest(port, ae_title="WRONG_AE"))
+    assert not result.ok and seen == []
+    assert result.error is not None and "rejected" in result.error
+    assert not ok and "rejected" in message
+
+
+def test_stop_request_interrupts_between_instances(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=3, size=16)
+    with status_scp(0) as (port, seen):
+        result = send_series(
+            files, dest(port), calling_ae_title="LDCT_NODE", should_stop=lambda: len(seen) >= 1
+        )
+    assert result.interrupted and not result.ok and result.n_sent == 1
+
+
+def test_send_series_argument_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="paths"):
+        send_series([], dest(1), calling_ae_title="X")
+    with pytest.raises(TypeError, match="paths"):
+        send_series(tmp_path, dest(1), calling_ae_title="X")  # type: ignore[arg-type]
+
+
+def test_echo_success_and_failure() -> None:
+    with status_scp(0) as (port, _seen):
+        ok, message = echo(dest(port), calling_ae_title="LDCT_NODE")
+    assert ok and "succeeded" in message and str(port) in message
+    ok, message = echo(dest(free_port()))
+    assert not ok and "no association" in message
+
+
+def test_describe_status() -> None:
+    assert describe_status(0xA700) == "0xA700 (Failure: Refused: Out of Resources)"
+    assert describe_status(0xC210).startswith("0xC210 (Failure: Cannot Understand")
+
+
+# -------------------------------------------------------------------- Forwarder + database
+
+
+def forwarding_job(tmp_path: Path, settings: Settings, n: int = 2) -> tuple[Database, int]:
+    """A job in state ``forwarding`` whose derived files lie in the spool."""
+    db = Database(settings.database_url)
+    db.create_schema()
+    spool = Spool(settings.spool_path)
+    spool_series(db, spool, make_ct_series(tmp_path, n=n, size=16, subdir="src"))
+    db.promote_stable_series(stable_seconds=0)
+    job = db.claim_next_job("test")
+    assert job is not None
+    # Stand-ins for the derived files: what matters here is that they are sent.
+    derived = make_ct_series(spool.derived_dir(f"job-{job.id}"), n=n, size=16, subdir="out")
+    state = db.finish_processing(
+        job.id, "1.2.3.4", derived[0].parent, len(derived), [d.name for d in settings.destinations]
+    )
+    assert state == JobState.FORWARDING
+    return db, job.id
+
+
+def test_forwarder_books_a_refusal_with_backoff_and_fails_after_max_attempts(
+    tmp_path: Path,
+) -> None:
+    with status_scp(OUT_OF_RESOURCES) as (port, _seen):
+        settings = node_settings(
+            tmp_path,
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": port}],
+            forward={"max_attempts": 2, "backoff_seconds": [30]},
+        )
+        db, job_id = forwarding_job(tmp_path, settings)
+        forwarder = Forwarder(settings, db)
+        before = datetime.now(UTC)
+        assert forwarder.run_due() == 1
+        job = db.get_job(job_id)
+        assert job.state == JobState.FORWARDING
+        (fwd,) = job.forwards
+        assert fwd.state == "pending" and fwd.attempts == 1
+        assert fwd.last_error is not None and "0xA700" in fwd.last_error
+        assert fwd.next_attempt_at is not None
+        assert fwd.next_attempt_at >= before + timedelta(seconds=29)
+        assert forwarder.run_due() == 0  # not due before the backoff has passed
+        assert db.status_summary().pending_forwards == 1
+
+        # The second (last) attempt: forced now instead of waiting 30 s.
+        assert forwarder.forward(fwd) == JobState.FAILED
+    job = db.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert job.error is not None and "0xA700" in job.error and "pacs" in job.error
+    db.close()
+
+
+@needs_storescp
+def test_forwarder_delivers_and_finishes_the_job(tmp_path: Path) -> None:
+    with storescp(tmp_path / "pacs") as pacs:
+        settings = node_settings(
+            tmp_path,
+            destinations=[
+                {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": pacs.port}
+            ],
+        )
+        db, job_id = forwarding_job(tmp_path, settings, n=3)
+        assert Forwarder(settings, db).run_due() == 1
+        assert len(pacs.datasets()) == 3
+    job = db.get_job(job_id)
+    assert job.state == JobState.DONE
+    assert [(f.state, f.n_sent) for f in job.forwards] == [("sent", 3)]
+    db.close()
+
+
+def test_forwarder_fails_at_once_when_derived_files_are_gone(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 1}],
+    )
+    db, job_id = forwarding_job(tmp_path, settings)
+    output_dir = db.get_job(job_id).output_dir
+    assert output_dir is not None
+    for path in Path(output_dir).iterdir():
+        path.unlink()
+    Forwarder(settings, db).run_due()
+    job = db.get_job(job_id)
+    assert job.state == JobState.FAILED
+    assert job.error is not None and "derived files missing" in job.error
+    db.close()
+
+
+def test_forwarder_stopped_does_nothing(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 1}],
+    )
+    db, job_id = forwarding_job(tmp_path, settings)
+    forwarder = Forwarder(settings, db)
+    forwarder.stop()
+    assert forwarder.run_due() == 0
+    assert db.get_job(job_id).forwards[0].attempts == 0
+    db.close()
