@@ -246,14 +246,35 @@ def simulate(
         list[Path] | None,
         typer.Option("--source", help="NDCT DICOM series folders to use instead of phantoms."),
     ] = None,
+    geometry: Annotated[
+        str, typer.Option("--geometry", help="Scanner geometry: parallel or fan.")
+    ] = "parallel",
+    electronic_noise: Annotated[
+        float | None,
+        typer.Option("--electronic-noise", min=0.0, help="Electronic noise std in counts."),
+    ] = None,
+    phantom: Annotated[
+        str, typer.Option("--phantom", help="Procedural phantom: body or water.")
+    ] = "body",
+    truth_recon: Annotated[
+        bool,
+        typer.Option("--truth-recon", help="Also write the noiseless reconstruction."),
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel processes.")] = 1,
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with _errors():
         from ldct_node.model.simulate import simulate_dataset
 
+        if geometry not in ("parallel", "fan"):
+            raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
+        if phantom not in ("body", "water"):
+            raise UsageError(f"--phantom: expected body or water, got {phantom!r}")
         kwargs: dict[str, Any] = {}
         if i0 is not None:
             kwargs["i0"] = i0
+        if electronic_noise is not None:
+            kwargs["electronic_noise"] = electronic_noise
         written = simulate_dataset(
             output,
             n_cases=cases,
@@ -263,6 +284,10 @@ def simulate(
             seed=seed,
             source_series=source or None,
             progress=True,
+            geometry=geometry,
+            phantom_kind=phantom,
+            write_truth_recon=truth_recon,
+            workers=workers,
             **kwargs,
         )
         out.print(f"wrote {len(written)} cases to {output}")
@@ -290,6 +315,10 @@ def train(
         float, typer.Option("--val-fraction", min=0.0, max=0.9, help="Cases held out.")
     ] = 0.1,
     patch_stride: Annotated[int, typer.Option("--patch-stride", min=1)] = 32,
+    perceptual_weight: Annotated[
+        float,
+        typer.Option("--perceptual-weight", min=0.0, help="Weight of the VGG16 term (paper: 0.1)."),
+    ] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Train both networks of the cascade and write weights + MANIFEST.json."""
@@ -314,6 +343,7 @@ def train(
                 max_patches=max_patches,
                 val_fraction=val_fraction,
                 stride=patch_stride,
+                perceptual_weight=perceptual_weight,
                 seed=seed,
             )
         )
@@ -482,6 +512,11 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
             raise typer.Exit(1)
 
 
+def _tail(uid: str, keep: int = 10) -> str:
+    """The distinguishing end of a UID (they share long prefixes); --json has it whole."""
+    return uid if len(uid) <= keep + 1 else "…" + uid[-keep:]
+
+
 def _forwards_text(job: Any) -> str:
     parts = []
     for f in job.forwards:
@@ -524,31 +559,30 @@ def jobs(
         if as_json:
             out.print_json(json.dumps([job.as_dict() for job in rows]))
             return
-        table = Table(show_lines=False)
-        for col in (
-            "id",
-            "state",
-            "profile",
-            "source series",
-            "inst.",
-            "tries",
-            "updated",
-            "forwards",
-            "error",
-        ):
-            table.add_column(col, overflow="fold")
+        table = Table()
+        table.add_column("id", justify="right", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        table.add_column("profile")
+        table.add_column("series", no_wrap=True)
+        table.add_column("n", justify="right", no_wrap=True)
+        table.add_column("try", justify="right", no_wrap=True)
+        table.add_column("updated", no_wrap=True)
+        table.add_column("forwards", min_width=10)
+        with_errors = any(job.error for job in rows)
+        if with_errors:
+            table.add_column("error", overflow="fold")
         for job in rows:
-            table.add_row(
+            cells = [
                 str(job.id),
                 job.state,
                 job.profile,
-                job.series_instance_uid,
+                _tail(job.series_instance_uid),
                 str(job.source_instances),
                 str(job.attempts),
-                _when(job.updated_at),
+                _when(job.updated_at)[5:],  # the year is noise here
                 _forwards_text(job),
-                _short(job.error, 60),
-            )
+            ]
+            table.add_row(*cells, *([_short(job.error, 200)] if with_errors else []))
         out.print(table)
         out.print(f"{len(rows)} job(s)", highlight=False)
 

@@ -39,6 +39,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
+from pydicom.valuerep import format_number_as_ds
 
 from ldct_node import __version__
 from ldct_node.config import CT_IMAGE_STORAGE, SeriesSettings
@@ -105,6 +106,11 @@ def save_durably(ds: Dataset, path: Path) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def _ds(value: float) -> str:
+    """A Decimal String of at most 16 characters (DICOM's DS limit), as exact as fits."""
+    return format_number_as_ds(float(value))
 
 
 def _set_by_keyword(ds: Dataset, keyword: str, value: object) -> None:
@@ -227,16 +233,16 @@ def write_ct_series(
         ds.BurnedInAnnotation = "NO"
         # Image Plane
         z = float(start_z_mm) + i * float(slice_thickness_mm)
-        ds.PixelSpacing = [float(pixel_spacing_mm), float(pixel_spacing_mm)]
+        ds.PixelSpacing = [_ds(pixel_spacing_mm), _ds(pixel_spacing_mm)]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         # Centre the field of view on the patient axis, as scanners do.
         ds.ImagePositionPatient = [
-            -(cols - 1) * float(pixel_spacing_mm) / 2.0,
-            -(rows - 1) * float(pixel_spacing_mm) / 2.0,
-            z,
+            _ds(-(cols - 1) * float(pixel_spacing_mm) / 2.0),
+            _ds(-(rows - 1) * float(pixel_spacing_mm) / 2.0),
+            _ds(z),
         ]
-        ds.SliceThickness = float(slice_thickness_mm)
-        ds.SliceLocation = z
+        ds.SliceThickness = _ds(slice_thickness_mm)
+        ds.SliceLocation = _ds(z)
         # CT Image
         ds.KVP = 120
         ds.RescaleIntercept = _WRITE_INTERCEPT

@@ -376,16 +376,6 @@ class Forwarder:
         now = datetime.now(UTC)
         attempt = fwd.attempts + 1
         delay = self.settings.forward.delay_for(attempt)
-        state = self.db.record_forward_result(
-            fwd.job_id,
-            fwd.destination,
-            ok=result.ok,
-            n_sent=result.n_sent,
-            max_attempts=max_attempts,
-            error=None if result.ok else result.error,
-            next_attempt_at=None if result.ok else now + timedelta(seconds=delay),
-            now=now,
-        )
         if result.ok:
             logger.info(
                 "job %d: forwarded derived series %s (%d instance(s)) to %s",
@@ -413,4 +403,13 @@ class Forwarder:
                 delay,
                 result.error,
             )
-        return state
+        return self.db.record_forward_result(
+            fwd.job_id,
+            fwd.destination,
+            ok=result.ok,
+            n_sent=result.n_sent,
+            max_attempts=max_attempts,
+            error=None if result.ok else result.error,
+            next_attempt_at=None if result.ok else now + timedelta(seconds=delay),
+            now=now,
+        )

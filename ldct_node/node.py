@@ -89,9 +89,7 @@ class Node:
         settings = self.settings
         self.db = open_database(settings)
         self.spool = Spool(settings.spool_path)
-        requeued = self.db.requeue_running()
-        if requeued:
-            logger.info("re-queued %d job(s) interrupted by the last shutdown", len(requeued))
+        self.db.requeue_running()  # jobs a previous process left running (it logs them)
         self.spool.clean_tmp()
         if self.cascade is None:
             self.cascade = Cascade.load(

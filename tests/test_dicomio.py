@@ -434,3 +434,14 @@ def test_skip_reason_own_output_even_when_derived_allowed(ct_header: Dataset, ma
         ct_header.DerivationDescription = "Denoised by LDCT-NODE"
     reason = processing_skip_reason(ct_header, SeriesSettings(ignore_derived=False))
     assert reason is not None and "loop" in reason
+
+
+@needs_dciodvfy
+def test_write_ct_series_keeps_decimal_strings_within_16_chars(tmp_path: Path) -> None:
+    paths = make_ct_series(
+        tmp_path, n=2, size=32, pixel_spacing_mm=0.7031249999, start_z_mm=-12.3456789012345
+    )
+    ds = pydicom.dcmread(paths[1])
+    for value in [*ds.PixelSpacing, *ds.ImagePositionPatient, ds.SliceLocation]:
+        assert len(str(value.original_string if hasattr(value, "original_string") else value)) <= 16
+    assert dciodvfy_errors(paths[1]) == []

@@ -35,7 +35,7 @@ def status_scp(
     seen: list[str] = []
 
     def on_store(event: evt.Event) -> int:
-        seen.append(str(event.request.AffectedSOPInstanceUID))
+        seen.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
         return status
 
     ae = AE(ae_title=ae_title)
@@ -43,6 +43,8 @@ def status_scp(
     ae.add_supported_context(CTImageStorage)
     ae.add_supported_context(Verification)
     server = ae.start_server((LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("pynetdicom did not return a server")
     try:
         yield int(server.server_address[1]), seen
     finally:

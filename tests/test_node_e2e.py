@@ -33,7 +33,7 @@ from _node_util import (
     wait_for,
     write_config,
 )
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from ldct_node.config import Settings, load_settings
 from ldct_node.db import Database, JobInfo, JobState
@@ -41,8 +41,8 @@ from ldct_node.model.cascade import Cascade
 
 pytestmark = [needs_storescp, pytest.mark.slow]
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
+CT = UID("1.2.840.10008.5.1.4.1.1.2")
+MR = UID("1.2.840.10008.5.1.4.1.1.4")
 JOB_TIMEOUT_S = 120
 
 
@@ -353,9 +353,9 @@ def test_restart_resumes_and_sigterm_is_clean(tmp_path: Path, untrained_weights:
 
             def running_with(attempts: int) -> JobInfo | None:
                 jobs = [j for j in db.list_jobs() if j.series_instance_uid == uid]
-                job = jobs[0] if jobs else None
-                ok = job is not None and job.state == JobState.RUNNING
-                return job if ok and job.attempts == attempts else None
+                if jobs and jobs[0].state == JobState.RUNNING and jobs[0].attempts == attempts:
+                    return jobs[0]
+                return None
 
             # 1. SIGKILL while the job runs: the row stays 'running'.
             first = start_serve(config, port, tag="-1")

@@ -1,4 +1,5 @@
-"""worker.py: the node's job loop (claim, denoise once, write derived, hand on)."""
+"""worker.py (the job loop: claim, denoise once, write derived, hand on) and the
+scheduler's duties."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from _net_util import LOOPBACK, Node, node_settings, running_receiver, scu_assoc
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ldct_node.config import Settings
-from ldct_node.db import JobState
+from ldct_node.db import Database, JobState, ReceivedInstance
 from ldct_node.dicomio import decode_hu
+from ldct_node.forward import Forwarder
 from ldct_node.model.cascade import Cascade
+from ldct_node.scheduler import NodeScheduler, forward_interval, purge_expired, stability_interval
+from ldct_node.spool import Spool
 from ldct_node.worker import Worker
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 4242}
@@ -224,3 +228,65 @@ def test_worker_argument_checks(node: Node, cascade: Cascade) -> None:
         worker_for(node, cascade, heartbeat_seconds=0)
     with pytest.raises(ValueError, match="poll_seconds"):
         worker_for(node, cascade).run_forever(poll_seconds=0)
+
+
+# ------------------------------------------------------------------------------ scheduler
+
+
+def test_sweep_intervals() -> None:
+    assert stability_interval(30) == 1.0
+    assert stability_interval(1) == 0.25
+    assert stability_interval(0) == 0.2
+    assert forward_interval([10, 30]) == 1.0
+    assert forward_interval([0.5, 10]) == 0.5
+    assert forward_interval([0]) == 0.2
+
+
+def test_scheduler_queues_stable_series_and_wakes_the_worker(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, series={"stable_seconds": 0.3})
+    with running_receiver(settings) as node:
+        woken = threading.Event()
+        scheduler = NodeScheduler(
+            settings, node.db, node.spool, Forwarder(settings, node.db), on_queued=woken.set
+        )
+        scheduler.start()
+        try:
+            send(node, make_ct_series(tmp_path, n=2, size=16))
+            assert woken.wait(20)
+        finally:
+            scheduler.shutdown()
+        (job,) = node.db.list_jobs()
+        assert job.state == JobState.QUEUED
+        scheduler.shutdown()  # idempotent
+
+
+def test_purge_never_deletes_outside_the_spool(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path)
+    db = Database(settings.database_url)
+    db.create_schema()
+    spool = Spool(settings.spool_path)
+    # A series recorded from files that are not in the (current) spool.
+    outside = make_ct_series(tmp_path, n=1, size=16, subdir="elsewhere")
+    ds = pydicom.dcmread(outside[0], stop_before_pixels=True)
+    db.record_instance(
+        ReceivedInstance(
+            sop_instance_uid=ds.SOPInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            study_instance_uid=ds.StudyInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            path=outside[0],
+            modality="CT",
+        ),
+        ["denoised"],
+    )
+    (job_id,) = db.promote_stable_series(stable_seconds=0)
+    assert db.claim_next_job("test") is not None
+    db.finish_processing(job_id, "1.2.3", tmp_path / "elsewhere", 1, [])
+    report = purge_expired(db, spool, 0)
+    assert (report.series, report.skipped) == (0, 1)
+    assert outside[0].exists()
+    assert db.get_job(job_id).purged_at is None
+    with pytest.raises(ValueError, match="older_than_days"):
+        purge_expired(db, spool, -1)
+    db.close()
