@@ -83,7 +83,7 @@ def test_bfloat16_close_to_float32(untrained_weights: Path) -> None:
 
 
 def test_manifest_errors(untrained_weights: Path, tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="MANIFEST.json"):
+    with pytest.raises(WeightsError, match=r"MANIFEST\.json"):
         Cascade.load(tmp_path)
     broken = tmp_path / "w"
     shutil.copytree(untrained_weights, broken)
