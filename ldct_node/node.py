@@ -43,6 +43,10 @@ RECEIVER_STOP_TIMEOUT_S = 10.0
 WORKER_STOP_TIMEOUT_S = 120.0
 
 
+class NodeStartError(RuntimeError):
+    """The node cannot start (e.g. its port is taken); the message says why."""
+
+
 class Node:
     """One node process.
 
@@ -83,7 +87,7 @@ class Node:
         ------
         ldct_node.model.cascade.WeightsError
             When the weights cannot be loaded (nothing is listening then).
-        OSError
+        NodeStartError
             When the port cannot be bound.
         """
         settings = self.settings
@@ -105,7 +109,13 @@ class Node:
         )
         self.worker.on_forwarding = self.scheduler.wake_forward
         try:
-            self.server = start_receiver(settings, self.db, self.spool)
+            try:
+                self.server = start_receiver(settings, self.db, self.spool)
+            except OSError as exc:
+                where = f"{settings.node.host}:{settings.node.port}"
+                raise NodeStartError(
+                    f"cannot listen on {where}: {exc.strerror or exc} (node.host / node.port)"
+                ) from exc
             self.scheduler.start()
             self._worker_thread = threading.Thread(
                 target=self.worker.run_forever, name="worker", daemon=True

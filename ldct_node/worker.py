@@ -375,7 +375,14 @@ class Worker:
         return datasets
 
     def _fail(self, job_id: int, reason: str) -> JobState:
-        state = self.db.fail_job(job_id, reason)
+        try:
+            state = self.db.fail_job(job_id, reason)
+        except TransitionError:  # cancelled (or taken away) meanwhile: not ours to fail
+            state = JobState(self.db.get_job(job_id).state)
+            logger.info(
+                "job %d: not failed, it is %s now (would have been: %s)", job_id, state, reason
+            )
+            return state
         if state == JobState.FAILED:
             logger.warning("job %d failed: %s", job_id, reason)
         else:
