@@ -696,15 +696,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except SystemExit as exc:  # pragma: no cover - click may still exit directly
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # Click's usage errors (typer bundles its own click): they can show themselves.
+        show = getattr(exc, "show", None)
+        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+            show()
+            return 2
+        if type(exc).__name__ == "Abort":
             console.print("[bold red]error:[/] aborted")
             return 1
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 2
         raise
 
 

@@ -1004,6 +1004,18 @@ class Database:
         """
         return self._requeue(select(Job).where(Job.state == JobState.RUNNING), _now(now))
 
+    def requeue_job(self, job_id: int, worker_id: str, now: datetime | None = None) -> bool:
+        """``running -> queued`` for one job this worker holds (a worker shutting down).
+
+        Returns False when the job is no longer running under ``worker_id`` (cancelled,
+        or taken over after a stale heartbeat). A job whose series changed meanwhile
+        goes to ``receiving`` instead.
+        """
+        stmt = select(Job).where(
+            Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
+        )
+        return bool(self._requeue(stmt, _now(now)))
+
     def requeue_stale(self, older_than_seconds: float, now: datetime | None = None) -> list[int]:
         """``running -> queued`` for jobs whose heartbeat is older than the given age.
 

@@ -18,15 +18,13 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 
 from ldct_node.config import DicomSettings, OutputProfile, Settings
-from ldct_node.db import Database, Job, JobInfo, JobState, TransitionError
+from ldct_node.db import Database, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
 from ldct_node.dicomio import InputError, decode_hu, read_instance
 from ldct_node.model.cascade import Cascade, blend_with_input
@@ -393,7 +391,7 @@ class Worker:
 
     def _hand_back(self, job_id: int) -> JobState:
         """Shutdown during a job: ``running -> queued`` (only if it is still ours)."""
-        if _requeue_own(self.db, job_id, self.worker_id):
+        if self.db.requeue_job(job_id, self.worker_id):
             logger.info("job %d: interrupted by shutdown; queued again", job_id)
         return JobState(self.db.get_job(job_id).state)
 
@@ -407,13 +405,3 @@ class Worker:
 
 class _JobInputError(Exception):
     """The job's input cannot be processed; the message says what to do."""
-
-
-def _requeue_own(db: Database, job_id: int, worker_id: str) -> list[int]:
-    # The database API re-queues *every* running job (requeue_running) or stale ones;
-    # a stopping worker must hand back only its own job, so use the same transition with
-    # a narrower selection (a job whose series changed meanwhile goes to receiving).
-    stmt = select(Job).where(
-        Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
-    )
-    return db._requeue(stmt, datetime.now(UTC))

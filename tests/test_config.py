@@ -106,3 +106,10 @@ def test_config_check_cli(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "storage.retention_days" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("retry",), ("retry", "abc"), ("no-such-command",), ("denoise",)])
+def test_usage_errors_exit_2_with_one_clear_line(args: tuple[str, ...]) -> None:
+    res = _cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "Error" in res.stderr

@@ -464,3 +464,18 @@ def test_in_memory_database_works_for_quick_use() -> None:
     mem.record_instance(inst("1.5", 1), PROFILES, now=at(0))
     assert len(mem.list_jobs()) == 1
     mem.close()
+
+
+def test_requeue_job_hands_back_only_the_workers_own_job(db: Database) -> None:
+    first = running_job(db, "1.5")
+    second_series = "1.6"
+    for i in range(1, 3):
+        db.record_instance(inst(second_series, i), PROFILES, now=at(0))
+    db.promote_stable_series(at(100), stable_seconds=30)
+    other = db.claim_next_job("w2", now=at(101))
+    assert other is not None
+    assert not db.requeue_job(first, "w2")  # not w2's job
+    assert db.requeue_job(first, "w1")
+    assert db.get_job(first).state == JobState.QUEUED
+    assert db.get_job(other.id).state == JobState.RUNNING
+    assert not db.requeue_job(first, "w1")  # no longer running
