@@ -19,17 +19,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from ldct_node import __version__
 from ldct_node.config import ConfigError, Settings, load_settings
+from ldct_node.progress import make_progress
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -128,16 +122,8 @@ def _settings(config: Path | None) -> Settings:
 
 
 def progress_bar(transient: bool = False) -> Progress:
-    """The progress bar every long-running command uses."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=transient,
-    )
+    """The progress bar every long-running command uses, on stderr."""
+    return make_progress(console, transient=transient)
 
 
 def default_weights_dir(settings: Settings | None) -> Path:

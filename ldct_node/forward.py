@@ -229,11 +229,16 @@ def send_series(
             sent += 1
         return SendResult(True, sent, total)
     finally:
-        if assoc.is_established:
-            assoc.release()
-        elif assoc.is_alive():
-            assoc.abort()
-        ae.shutdown()
+        _close(assoc, ae)
+
+
+def _close(assoc: Association, ae: AE) -> None:
+    """Release an established association (abort a half-open one), then stop the AE."""
+    if assoc.is_established:
+        assoc.release()
+    elif assoc.is_alive():
+        assoc.abort()
+    ae.shutdown()
 
 
 def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tuple[bool, str]:
@@ -260,11 +265,7 @@ def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tu
             return False, f"{_peer(destination)} answered C-ECHO with 0x{int(code):04X}"
         return True, f"C-ECHO to {_peer(destination)} succeeded in {elapsed_ms:.0f} ms"
     finally:
-        if assoc.is_established:
-            assoc.release()
-        elif assoc.is_alive():
-            assoc.abort()
-        ae.shutdown()
+        _close(assoc, ae)
 
 
 def derived_files(output_dir: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VGG = REPO.parent / "shared" / "vgg16" / "vgg16_imagenet_notop.weights.h5"
 BUNDLED_WEIGHTS = REPO / "weights"
+
+
+def run_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``ldct-node ARGS...`` in a fresh interpreter, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "ldct_node.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def write_weights_dir(

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from _dicom_util import compress, hu_of, make_ct_series, needs_dcmtk
+from conftest import run_cli
 
 from ldct_node.model.cascade import Cascade
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ldct_node.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def _derived_files(out: Path) -> dict[str, list[Path]]:

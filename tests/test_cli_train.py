@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_VGG
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ldct_node.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+from conftest import SHARED_VGG, run_cli
 
 
 @pytest.mark.skipif(not SHARED_VGG.is_file(), reason="VGG16 weights not in ../shared")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from ldct_node.config import ConfigError, load_settings, parse_settings
 
@@ -83,18 +82,8 @@ def test_backoff_schedule_repeats_last_delay() -> None:
     assert [f.delay_for(a) for a in (1, 2, 3, 9)] == [1.0, 2.0, 2.0, 2.0]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ldct_node.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def test_config_check_cli(tmp_path: Path) -> None:
-    ok = _cli("config", "check", "--config", str(REPO / "config.toml"), "--json")
+def test_config_checkrun_cli(tmp_path: Path) -> None:
+    ok = run_cli("config", "check", "--config", str(REPO / "config.toml"), "--json")
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["node"]["ae_title"] == "LDCT_NODE"
@@ -102,7 +91,7 @@ def test_config_check_cli(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[storage]\nretention_days = 'soon'\n")
-    res = _cli("config", "check", "--config", str(bad))
+    res = run_cli("config", "check", "--config", str(bad))
     assert res.returncode == 2
     assert "storage.retention_days" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -110,6 +99,6 @@ def test_config_check_cli(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args", [("retry",), ("retry", "abc"), ("no-such-command",), ("denoise",)])
 def test_usage_errors_exit_2_with_one_clear_line(args: tuple[str, ...]) -> None:
-    res = _cli(*args)
+    res = run_cli(*args)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "Error" in res.stderr

@@ -523,12 +523,7 @@ def simulate_scan(
         raise ValueError("truth_hu: contains NaN or infinite values")
     if not pixel_spacing_mm > 0:
         raise ValueError(f"pixel_spacing_mm: must be > 0, got {pixel_spacing_mm}")
-    if not 0.0 < dose_fraction <= 1.0:
-        raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
-    if i0 is not None and not i0 > 0:
-        raise ValueError(f"i0: must be > 0, got {i0}")
-    if electronic_noise is not None and not electronic_noise >= 0:
-        raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
+    _check_dose_args(dose_fraction, i0, electronic_noise)
     if not mu_water_per_mm > 0:
         raise ValueError(f"mu_water_per_mm: must be > 0, got {mu_water_per_mm}")
     if not isinstance(rng, np.random.Generator):
@@ -1555,12 +1550,7 @@ def simulate_dataset(
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"size: must be an integer >= 16, got {size!r}")
-    if not 0.0 < dose_fraction <= 1.0:
-        raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
-    if i0 is not None and not i0 > 0:
-        raise ValueError(f"i0: must be > 0, got {i0}")
-    if electronic_noise is not None and not electronic_noise >= 0:
-        raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
+    _check_dose_args(dose_fraction, i0, electronic_noise)
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
     if filter_name not in FILTERS:
@@ -1665,31 +1655,27 @@ def simulate_dataset(
     return case_dirs
 
 
+def _check_dose_args(
+    dose_fraction: float, i0: float | None, electronic_noise: float | None
+) -> None:
+    if not 0.0 < dose_fraction <= 1.0:
+        raise ValueError(f"dose_fraction: must be in (0, 1], got {dose_fraction}")
+    if i0 is not None and not i0 > 0:
+        raise ValueError(f"i0: must be > 0, got {i0}")
+    if electronic_noise is not None and not electronic_noise >= 0:
+        raise ValueError(f"electronic_noise: must be >= 0, got {electronic_noise}")
+
+
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
     """A rich progress bar over slices; yields a function that advances it by one."""
     if not enabled:
         yield lambda: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from ldct_node.progress import make_progress
 
-    columns = (
-        TextColumn("simulating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("slices"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as bar:
-        task = bar.add_task("simulate", total=total)
+    with make_progress() as bar:
+        task = bar.add_task("simulating slices", total=total)
         yield lambda: bar.advance(task)
 
 
