@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,7 +35,8 @@ def write_weights_dir(
 ) -> Path:
     """Save freshly initialised (untrained) cascade networks with a valid MANIFEST.json.
 
-    For tests of plumbing (shapes, tags, files), not of image quality.
+    For tests of plumbing (shapes, tags, files), not of image quality: the output
+    differs from the input by up to a few hundred HU.
     """
     import keras
 
@@ -49,6 +51,13 @@ def write_weights_dir(
         ("difference", build_drl_difference, "drl_difference"),
     ):
         net = builder()
+        # The output conv starts at zero (an untrained cascade would be the identity);
+        # random head weights make the test cascade change pixels, so tests can tell
+        # "denoised" from "copied".
+        rng = np.random.default_rng(seed)
+        head = net.get_layer("conv7")
+        kernel, bias = head.get_weights()
+        head.set_weights([rng.uniform(-0.07, 0.07, kernel.shape).astype(np.float32), bias])
         file = folder / f"{name}.weights.h5"
         net.save_weights(str(file))
         networks[role] = {

@@ -11,6 +11,7 @@ import pytest
 from _dicom_util import compress, hu_of, make_ct_series, needs_dcmtk
 from conftest import run_cli
 
+from ldct_node.dicomio import decode_hu
 from ldct_node.model.cascade import Cascade
 
 
@@ -53,16 +54,10 @@ def test_denoise_two_series_in_one_folder(tmp_path: Path, untrained_weights: Pat
             by_src = {str(s.SOPInstanceUID): s for s in src_b}
             for d, path in zip(derived, files, strict=True):
                 source = by_src[str(d.SourceImageSequence[0].ReferencedSOPInstanceUID)]
-                expected = Cascade.denoise(cascade, hu_of_ds(source))
+                expected = cascade.denoise(decode_hu(source))
                 np.testing.assert_allclose(hu_of(path), expected, atol=0.51)
                 assert d.InstanceNumber == source.InstanceNumber
                 assert d.ImagePositionPatient == source.ImagePositionPatient
-
-
-def hu_of_ds(ds: pydicom.Dataset) -> np.ndarray:
-    from ldct_node.dicomio import decode_hu
-
-    return decode_hu(ds)
 
 
 def test_same_input_gives_same_uids(tmp_path: Path, untrained_weights: Path) -> None:

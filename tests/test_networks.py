@@ -118,6 +118,11 @@ def test_registry_builds_named_models_with_the_right_head() -> None:
 def _support_radius(model: keras.Model, size: int = 81) -> int:
     """Largest Chebyshev distance from a single-pixel change at which the output moves."""
     rng = np.random.default_rng(2)
+    # The output conv starts at zero (see networks._head); give it weights so the
+    # impulse response shows the wiring.
+    head = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    kernel, bias = head.get_weights()
+    head.set_weights([rng.normal(0, 0.1, kernel.shape).astype(np.float32), bias])
     base = rng.random((1, size, size, 1), dtype=np.float32)
     bumped = base.copy()
     centre = size // 2
@@ -133,6 +138,14 @@ def test_drl_receptive_field_reflects_the_dilations() -> None:
     # 5x5 -> dilations 2,3,4,3 -> dilation 2 -> 3x3: radius 2 + 2+3+4+3 + 2 + 1 = 17.
     # Without dilations the radius would be 8, so this checks the dilated wiring.
     assert _support_radius(build_drl_perceptual()) == 17
+
+
+def test_untrained_networks_start_from_change_nothing() -> None:
+    x = np.random.default_rng(5).random((2, 24, 30, 1), dtype=np.float32)
+    identity = keras.ops.convert_to_numpy(build_drl_perceptual()(x, training=False))
+    np.testing.assert_allclose(identity, x, atol=1e-6)
+    no_difference = keras.ops.convert_to_numpy(build_drl_difference()(x, training=False))
+    np.testing.assert_allclose(no_difference, 0.0, atol=1e-6)
 
 
 def test_cnn10_receptive_field() -> None:

@@ -37,6 +37,7 @@ from pydicom.uid import UID, generate_uid
 
 from ldct_node.config import Settings, load_settings
 from ldct_node.db import Database, JobInfo, JobState
+from ldct_node.dicomio import decode_hu
 from ldct_node.model.cascade import Cascade
 
 pytestmark = [needs_storescp, pytest.mark.slow]
@@ -162,6 +163,13 @@ def test_series_in_derived_series_out(
         )
         target = want[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         assert np.max(np.abs(got - target)) <= 1.0
+    # ...and not a copy of the source pixels.
+    source_hu = {pydicom.dcmread(f).SOPInstanceUID: hu_of(f) for f in files}
+    changed = []
+    for ds in derived:
+        source = source_hu[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        changed.append(float(np.mean(np.abs(decode_hu(ds) - source))))
+    assert min(changed) > 1.0, changed
 
     # The admin CLI sees the same.
     result = cli("status", "--config", node.config, "--json")

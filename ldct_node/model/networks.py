@@ -62,8 +62,16 @@ def _conv_bn_relu(
 def _head(
     x: keras.KerasTensor, image: keras.KerasTensor, residual: bool, name: str
 ) -> keras.KerasTensor:
-    """Linear 3x3 convolution to one channel, optionally added to the input image."""
-    out = keras.layers.Conv2D(1, 3, padding="same", dtype=_HEAD_DTYPE, name=name)(x)
+    """Linear 3x3 convolution to one channel, optionally added to the input image.
+
+    Its kernel starts at zero, so an untrained DRL is the identity (residual) or
+    predicts no difference: training starts from "change nothing" instead of adding a
+    random image of several hundred HU, which short runs otherwise spend their first
+    epochs undoing. The other layers keep their He-normal start, so gradients flow.
+    """
+    out = keras.layers.Conv2D(
+        1, 3, padding="same", kernel_initializer="zeros", dtype=_HEAD_DTYPE, name=name
+    )(x)
     if residual:
         out = keras.layers.Add(dtype=_HEAD_DTYPE, name="residual_add")([out, image])
     return out
