@@ -122,3 +122,13 @@ def test_bundled_weights_lower_noise_on_held_out_simulated_slices(kind: str) -> 
     assert rmse_out < rmse_in, (rmse_in, rmse_out)
     if kind == "water":  # denoising must not shift the CT number of water
         assert abs(float(np.mean(out[region]))) < 10.0
+
+
+@pytest.mark.skipif(not (BUNDLED_WEIGHTS / "MANIFEST.json").exists(), reason="no bundled weights")
+def test_bundled_weights_carry_only_the_networks() -> None:
+    import h5py
+
+    for file in BUNDLED_WEIGHTS.glob("*.weights.h5"):
+        with h5py.File(file) as h5:
+            assert sorted(h5.keys()) == ["layers", "vars"], file
+        assert file.stat().st_size < 2_000_000, file  # ~225k float32 parameters

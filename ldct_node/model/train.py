@@ -158,6 +158,20 @@ def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
     return Checkpoint()
 
 
+def export_weights(net: Any, builder: str, path: Path) -> None:
+    """Write only the network's own weights, from a fresh uncompiled copy.
+
+    ``save_weights`` on the compiled training model would also store the optimizer
+    state and whatever the loss tracks: the perceptual loss holds the VGG16 extractor,
+    whose ImageNet weights must not travel with ours.
+    """
+    from ldct_node.model.networks import NETWORK_BUILDERS
+
+    fresh = NETWORK_BUILDERS[builder]()
+    fresh.set_weights(net.get_weights())
+    _save_weights_atomic(fresh, path)
+
+
 def _load_checkpoint(model: Any, path: Path) -> None:
     """Weights and Adam moments: build the optimizer first so its state is restored too."""
     if not path.is_file():
@@ -326,7 +340,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     )
 
     for stage, net in ((1, net1), (2, net2)):
-        _save_weights_atomic(net, out / STAGE_FILES[stage])
+        export_weights(net, STAGE_BUILDERS[stage], out / STAGE_FILES[stage])
 
     metrics: dict[str, Any] = {}
     eval_low, eval_full = (
