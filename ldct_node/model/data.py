@@ -73,11 +73,15 @@ def find_cases(data_dir: Path) -> list[PairedCase]:
     return cases
 
 
-def _load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """HU stack and slice positions of the single series in ``folder``."""
-    import pydicom
-
-    from ldct_node.dicomio import decode_hu, scan_inputs, slice_normal, slice_position
+    from ldct_node.dicomio import (
+        decode_hu,
+        read_instance,
+        scan_inputs,
+        slice_normal,
+        slice_position,
+    )
 
     scan = scan_inputs([folder])
     for problem in scan.problems:
@@ -90,7 +94,7 @@ def _load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     for index, (_, header) in enumerate(group.instances):
         z = slice_position(header, normal)
         positions.append(float(index) if z is None else z)
-    slices = [decode_hu(pydicom.dcmread(path)) for path in group.paths]
+    slices = [decode_hu(read_instance(path)) for path in group.paths]
     if len({s.shape for s in slices}) != 1:
         raise DataError(f"{folder}: slices of different sizes")
     return np.stack(slices), np.asarray(positions, dtype=np.float64)
@@ -98,8 +102,8 @@ def _load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_case(case: PairedCase) -> PairedSlices:
     """Read both series of a case and pair their slices by position."""
-    ndct, z_full = _load_series_hu(case.full_dir)
-    ldct, z_low = _load_series_hu(case.low_dir)
+    ndct, z_full = load_series_hu(case.full_dir)
+    ldct, z_low = load_series_hu(case.low_dir)
     if ndct.shape[1:] != ldct.shape[1:]:
         raise DataError(
             f"{case.case_id}: slice size {ndct.shape[1:]} (full) != {ldct.shape[1:]} (low dose)"

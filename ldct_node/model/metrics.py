@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ldct_node.model.cascade import Cascade
-from ldct_node.model.data import find_cases, load_case
+from ldct_node.model.data import DataError, find_cases, load_case, load_series_hu
 
 # Soft tissue in the noiseless truth: where "noise" means the image minus the truth.
 SOFT_TISSUE_HU = (-150.0, 150.0)
@@ -45,14 +45,10 @@ def _truth_stack(case_dir: Path) -> np.ndarray | None:
     )
     if truth_dir is None:
         return None
-    import pydicom
-
-    from ldct_node.dicomio import decode_hu, scan_inputs
-
-    scan = scan_inputs([truth_dir])
-    if len(scan.series) != 1:
+    try:
+        return load_series_hu(truth_dir)[0]
+    except DataError:  # not exactly one readable series: no truth for this case
         return None
-    return np.stack([decode_hu(pydicom.dcmread(p)) for p in scan.series[0].paths])
 
 
 def evaluate_cases(cascade: Cascade, data_dir: Path, *, blend: float = 0.0) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ from ldct_node.model.cascade import (
     sha256_file,
 )
 from ldct_node.model.data import (
-    PairedSlices,
     PatchSet,
     extract_patches,
     find_cases,
     load_case,
     split_cases,
 )
+from ldct_node.model.metrics import rmse
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +96,14 @@ def _save_weights_atomic(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_patches(
-    opts: TrainOptions, *, on_case: Callable[[str], None] | None = None
-) -> tuple[PatchSet, list[PairedSlices]]:
+def load_patches(opts: TrainOptions) -> PatchSet:
     """Load every case, split by case into train/validation, cut patches."""
     rng = np.random.default_rng(opts.seed)
     cases = find_cases(opts.data_dir)
     train_ids, val_ids = split_cases([c.case_id for c in cases], opts.val_fraction, rng)
-    loaded: list[PairedSlices] = []
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "val": []}
     for case in cases:
         pair = load_case(case)
-        loaded.append(pair)
         low, full = extract_patches(
             pair.ldct,
             pair.ndct,
@@ -117,8 +112,6 @@ def load_patches(
             max_air_fraction=opts.max_air_fraction,
         )
         parts["val" if case.case_id in val_ids else "train"].append((low, full))
-        if on_case is not None:
-            on_case(case.case_id)
 
     def stack(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         if not items:
@@ -133,7 +126,7 @@ def load_patches(
     order = rng.permutation(len(train_low))
     if opts.max_patches is not None:
         order = order[: opts.max_patches]
-    patches = PatchSet(
+    return PatchSet(
         train_ldct=train_low[order],
         train_ndct=train_full[order],
         val_ldct=val_low,
@@ -141,7 +134,6 @@ def load_patches(
         train_cases=train_ids,
         val_cases=val_ids,
     )
-    return patches, loaded
 
 
 def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
@@ -234,15 +226,15 @@ def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
 def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
     """RMSE vs NDCT and std of the difference to NDCT, in HU, before and after."""
 
-    def rmse(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.sqrt(np.mean((model_to_hu(a) - model_to_hu(b)) ** 2)))
-
     def diff_std(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.std(model_to_hu(a) - model_to_hu(b)))
 
+    def rmse_hu(a: np.ndarray, b: np.ndarray) -> float:
+        return rmse(model_to_hu(a), model_to_hu(b))
+
     return {
-        "rmse_hu_ldct_vs_ndct": rmse(ldct, ndct),
-        "rmse_hu_denoised_vs_ndct": rmse(denoised, ndct),
+        "rmse_hu_ldct_vs_ndct": rmse_hu(ldct, ndct),
+        "rmse_hu_denoised_vs_ndct": rmse_hu(denoised, ndct),
         "std_hu_ldct_minus_ndct": diff_std(ldct, ndct),
         "std_hu_denoised_minus_ndct": diff_std(denoised, ndct),
     }
@@ -284,7 +276,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
         state = {"stage": 2, "epochs_done": state["epochs_done"]}
     keras.utils.set_random_seed(opts.seed)
 
-    patches, _ = load_patches(opts)
+    patches = load_patches(opts)
     logger.info(
         "patches: %d train (%d cases), %d validation (%d cases)",
         len(patches.train_ldct),
@@ -333,7 +325,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
         net2,
         y_hat_train,
         y_hat_train - patches.train_ndct,
-        (y_hat_val, y_hat_val - patches.val_ndct) if y_hat_val is not None and val else None,
+        (y_hat_val, y_hat_val - patches.val_ndct) if y_hat_val is not None else None,
         epochs=opts.epochs_difference,
         initial_epoch=state["epochs_done"],
         opts=opts,
@@ -342,20 +334,25 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     for stage, net in ((1, net1), (2, net2)):
         export_weights(net, STAGE_BUILDERS[stage], out / STAGE_FILES[stage])
 
-    metrics: dict[str, Any] = {}
-    eval_low, eval_full = (
-        (patches.val_ldct, patches.val_ndct)
-        if val is not None
-        else (patches.train_ldct, patches.train_ndct)
-    )
-    y_hat = _predict(net1, eval_low, opts.batch_size)
+    # Validation patches when there are any, else the training patches; stage 1's
+    # predictions for them were made above for stage 2.
+    if y_hat_val is not None:
+        split, eval_low, eval_full, y_hat = (
+            "validation",
+            patches.val_ldct,
+            patches.val_ndct,
+            y_hat_val,
+        )
+    else:
+        split, eval_low, eval_full = "training", patches.train_ldct, patches.train_ndct
+        y_hat = y_hat_train
     final = y_hat - _predict(net2, y_hat, opts.batch_size)
-    metrics["patches_" + ("validation" if val is not None else "training")] = {
-        **patch_metrics(eval_low, eval_full, final),
-        "rmse_hu_stage1_vs_ndct": patch_metrics(eval_low, eval_full, y_hat)[
-            "rmse_hu_denoised_vs_ndct"
-        ],
-        "n_patches": len(eval_low),
+    metrics: dict[str, Any] = {
+        f"patches_{split}": {
+            **patch_metrics(eval_low, eval_full, final),
+            "rmse_hu_stage1_vs_ndct": rmse(model_to_hu(y_hat), model_to_hu(eval_full)),
+            "n_patches": len(eval_low),
+        }
     }
     manifest = write_manifest(opts, patches, metrics, history)
     _atomic_write_text(
