@@ -114,18 +114,16 @@ def run_denoise(
             summary.outcomes.append(outcome)
             try:
                 datasets = []
-                for path in group.paths:
-                    ds = read_instance(path)
-                    reason = processing_skip_reason(ds, settings.series)
+                # The scan's headers decide; pixel data is read only for what is denoised.
+                for path, header in group.instances:
+                    reason = processing_skip_reason(header, settings.series)
                     if reason is None:
-                        datasets.append(ds)
+                        datasets.append(read_instance(path))
                     else:
                         outcome.skipped.append(f"{path.name}: {reason}")
                         advance(1)
-                if not datasets:
-                    raise InputError(
-                        "nothing to denoise: " + (outcome.skipped[0] if outcome.skipped else "")
-                    )
+                if not datasets:  # a group is never empty, so something was skipped
+                    raise InputError(f"nothing to denoise: {outcome.skipped[0]}")
                 outcome.n_instances = len(datasets)
                 derived = denoise_series(
                     datasets, cascade, [profile], settings.dicom, output, progress=advance
