@@ -240,7 +240,7 @@ def simulate(
         typer.Option("--electronic-noise", min=0.0, help="Electronic noise std in counts."),
     ] = None,
     phantom: Annotated[
-        str, typer.Option("--phantom", help="Procedural phantom: body or water.")
+        str, typer.Option("--phantom", help="Procedural phantom: body, water or qa.")
     ] = "body",
     truth_recon: Annotated[
         bool,
@@ -254,8 +254,8 @@ def simulate(
 
         if geometry not in ("parallel", "fan"):
             raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
-        if phantom not in ("body", "water"):
-            raise UsageError(f"--phantom: expected body or water, got {phantom!r}")
+        if phantom not in ("body", "water", "qa"):
+            raise UsageError(f"--phantom: expected body, water or qa, got {phantom!r}")
         kwargs: dict[str, Any] = {}
         if i0 is not None:
             kwargs["i0"] = i0
@@ -306,16 +306,32 @@ def train(
         typer.Option("--perceptual-weight", min=0.0, help="Weight of the VGG16 term (paper: 0.1)."),
     ] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="C (the cascade), or a comparison method: A, B, D, C-cnn10, D-cnn10.",
+        ),
+    ] = "C",
+    reuse_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--reuse-from",
+            help="Weights of an earlier run (same data and recipe) whose leading stages to reuse.",
+        ),
+    ] = None,
 ) -> None:
-    """Train both networks of the cascade and write weights + MANIFEST.json."""
+    """Train both networks of the cascade (or a comparison method) and write weights."""
     with _errors():
-        from ldct_node.model.train import TrainOptions
+        from ldct_node.model.train import METHODS, TrainOptions
         from ldct_node.model.train import train as run_training
 
         if vgg_weights != "imagenet" and not Path(vgg_weights).is_file():
             raise UsageError(f"--vgg-weights: {vgg_weights} is not a file (or use 'imagenet')")
         if not data.is_dir():
             raise UsageError(f"--data: {data} is not a directory")
+        if method not in METHODS:
+            raise UsageError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
         manifest = run_training(
             TrainOptions(
                 data_dir=data,
@@ -331,10 +347,81 @@ def train(
                 stride=patch_stride,
                 perceptual_weight=perceptual_weight,
                 seed=seed,
+                method=method,
+                reuse_from=reuse_from,
             )
         )
         out.print(f"model {manifest['model_version']} written to {output}")
         out.print_json(json.dumps(manifest["metrics"]))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    ldct: Annotated[Path, typer.Option("--ldct", help="Low-dose series (folder tree).")],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="Normal-dose series of the same slices.")
+    ],
+    truth: Annotated[
+        Path | None, typer.Option("--truth", help="Noiseless truth series (simulated data).")
+    ] = None,
+    weights: Annotated[
+        list[Path] | None,
+        typer.Option("--weights", help="Weights folder to evaluate; repeat for several methods."),
+    ] = None,
+    blend: Annotated[
+        list[float] | None,
+        typer.Option("--blend", min=0.0, max=1.0, help="Blend(s) with the input; repeatable."),
+    ] = None,
+    bm3d: Annotated[bool, typer.Option("--bm3d", help="Add BM3D as a baseline.")] = False,
+    bm3d_sigma: Annotated[
+        float | None,
+        typer.Option("--bm3d-sigma", min=0.0, help="BM3D noise level in HU (default: measured)."),
+    ] = None,
+    report: Annotated[
+        Path, typer.Option("--report", help="Folder for report.md, report.json, figure.png.")
+    ] = Path("evaluation"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    config: ConfigOption = None,
+) -> None:
+    """Measure image quality (PSNR, SSIM, RMSE, noise, CNR, HU bias, MTF50) of methods."""
+    with _errors():
+        from ldct_node.model import evaluation as ev
+
+        for name, folder in (("--ldct", ldct), ("--reference", reference), ("--truth", truth)):
+            if folder is not None and not folder.is_dir():
+                raise UsageError(f"{name}: {folder} is not a directory")
+        if not weights:
+            settings = _settings(config) if config is not None else None
+            weights = [default_weights_dir(settings)]
+        for folder in weights:
+            if not (folder / "MANIFEST.json").is_file():
+                raise UsageError(f"--weights: {folder} has no MANIFEST.json")
+        from ldct_node.model.cascade import Cascade
+
+        loaded = {folder: Cascade.load(folder, batch_size=batch_size) for folder in weights}
+        methods = [
+            ev.cascade_method(folder, blend=b, cascade=loaded[folder])
+            for folder in weights
+            for b in (blend or [0.0])
+        ]
+        names = [meth.name for meth in methods]
+        for meth in methods:  # two folders of one method: tell them apart
+            if names.count(meth.name) > 1:
+                meth.name = f"{meth.name} [{Path(meth.info['weights']).name}]"
+        if bm3d:
+            methods.append(ev.bm3d_method(bm3d_sigma))
+        cases = ev.load_eval_cases(ldct, reference, truth)
+        with progress_bar() as bar:
+            task = bar.add_task("evaluating", total=len(cases) * len(methods))
+            summary = ev.evaluate(
+                cases, methods, progress=lambda label: bar.update(task, advance=1 if label else 0)
+            )
+        paths = ev.write_report(summary, report)
+        out.print(ev.markdown_report(summary), highlight=False, markup=False, soft_wrap=True)
+        out.print(f"report written to {paths['markdown']}, {paths['json']}, {paths['figure']}")
 
 
 # --------------------------------------------------------------------------- serve + admin

@@ -29,6 +29,13 @@ HU_RANGE = 4096.0
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 NETWORK_ROLES = ("perceptual", "difference")
+#: What a pipeline stage outputs: the image, or a difference map subtracted from its input.
+STAGE_OUTPUTS = ("image", "difference")
+#: The paper's cascade; the pipeline of a manifest that names none.
+DEFAULT_PIPELINE: tuple[tuple[str, str], ...] = (
+    ("perceptual", "image"),
+    ("difference", "difference"),
+)
 PRECISION_POLICIES = {
     "float32": "float32",
     # Variables stay float32 (the stored weights), compute runs in the low precision.
@@ -71,11 +78,17 @@ class NetworkEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The parts of weights/MANIFEST.json that inference relies on; the rest is provenance."""
+    """The parts of weights/MANIFEST.json that inference relies on; the rest is provenance.
+
+    ``pipeline`` lists (network role, output) in order; manifests without one (every
+    weights folder before the comparison methods) are the cascade, DEFAULT_PIPELINE.
+    """
 
     model_version: str
     networks: dict[str, NetworkEntry]
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    pipeline: tuple[tuple[str, str], ...] = DEFAULT_PIPELINE
+    method: str = "C"
 
     @classmethod
     def read(cls, weights_dir: Path) -> Manifest:
@@ -88,6 +101,15 @@ class Manifest:
                 raise WeightsError(
                     f"{path}: manifest format {raw.get('format')!r}, expected {MANIFEST_FORMAT}"
                 )
+            if "pipeline" in raw:
+                pipeline = tuple((str(s["network"]), str(s["output"])) for s in raw["pipeline"])
+            else:
+                pipeline = DEFAULT_PIPELINE
+            if not pipeline:
+                raise ValueError("empty pipeline")
+            for role, output in pipeline:
+                if output not in STAGE_OUTPUTS:
+                    raise ValueError(f"stage {role!r}: output {output!r} not in {STAGE_OUTPUTS}")
             networks = {
                 role: NetworkEntry(
                     role=role,
@@ -96,9 +118,15 @@ class Manifest:
                     sha256=str(raw["networks"][role]["sha256"]),
                     parameters=int(raw["networks"][role]["parameters"]),
                 )
-                for role in NETWORK_ROLES
+                for role, _ in pipeline
             }
-            return cls(model_version=str(raw["model_version"]), networks=networks, raw=raw)
+            return cls(
+                model_version=str(raw["model_version"]),
+                networks=networks,
+                raw=raw,
+                pipeline=pipeline,
+                method=str(raw.get("method", "C")),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path}: malformed manifest ({exc!r})") from None
 
@@ -146,33 +174,52 @@ def _dtype_policy(precision: str) -> Iterator[None]:
 
 
 class Cascade:
-    """The loaded two-network cascade, ready to denoise HU slices of any size."""
+    """The loaded two-network cascade, ready to denoise HU slices of any size.
+
+    Also runs the comparison methods' pipelines (``stages``): each stage's network
+    either outputs the image or a difference map subtracted from the stage's input.
+    """
 
     def __init__(
         self,
-        perceptual: Any,
-        difference: Any,
+        perceptual: Any = None,
+        difference: Any = None,
         *,
         model_version: str,
         batch_size: int = 4,
         device: str = "auto",
         precision: str = "float32",
+        stages: list[tuple[Any, str]] | None = None,
+        method: str = "C",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if stages is None:
+            if perceptual is None or difference is None:
+                raise TypeError("Cascade needs perceptual and difference networks, or stages")
+            stages = [(perceptual, "image"), (difference, "difference")]
+        if not stages or any(output not in STAGE_OUTPUTS for _, output in stages):
+            raise ValueError(f"stages: each stage's output must be one of {STAGE_OUTPUTS}")
         import keras
 
         self.model_version = model_version
+        self.method = method
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
         self._scope = _device_scope(device)
         inp = keras.Input(shape=(None, None, 1), name="ldct")
-        y_hat = perceptual(inp)
-        final = keras.layers.Subtract(name="remove_difference", dtype="float32")(
-            [keras.ops.cast(y_hat, "float32"), keras.ops.cast(difference(y_hat), "float32")]
-        )
-        self.model = keras.Model(inp, final, name="ldct_cascade")
+        x = inp
+        for index, (net, output) in enumerate(stages, start=1):
+            pred = keras.ops.cast(net(x), "float32")
+            if output == "image":
+                x = pred
+            else:
+                name = "remove_difference" if index == len(stages) else f"remove_difference{index}"
+                x = keras.layers.Subtract(name=name, dtype="float32")(
+                    [keras.ops.cast(x, "float32"), pred]
+                )
+        self.model = keras.Model(inp, x, name="ldct_cascade")
 
     @classmethod
     def load(
@@ -202,7 +249,8 @@ class Cascade:
                 builder = NETWORK_BUILDERS.get(entry.builder)
                 if builder is None:
                     raise WeightsError(f"{file}: unknown network builder {entry.builder!r}")
-                net = builder()
+                # Named by role: a pipeline may hold two networks of one architecture.
+                net = builder(name=role)
                 if net.count_params() != entry.parameters:
                     raise WeightsError(
                         f"{file}: manifest says {entry.parameters} parameters, "
@@ -211,12 +259,12 @@ class Cascade:
                 net.load_weights(str(file))
                 nets[role] = net
             cascade = cls(
-                nets["perceptual"],
-                nets["difference"],
                 model_version=manifest.model_version,
                 batch_size=batch_size,
                 device=device,
                 precision=precision,
+                stages=[(nets[role], output) for role, output in manifest.pipeline],
+                method=manifest.method,
             )
         logger.info(
             "loaded cascade %s from %s (precision %s, device %s)",

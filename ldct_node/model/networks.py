@@ -155,7 +155,7 @@ def build_cnn10(name: str = "cnn10", residual: bool = False) -> keras.Model:
     return keras.Model(image, out, name=name)
 
 
-NETWORK_BUILDERS: dict[str, Callable[[], keras.Model]] = {
+NETWORK_BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "drl": build_drl,
     "drl_perceptual": build_drl_perceptual,
     "drl_difference": build_drl_difference,

@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ FAN_SOURCE_TO_ISO_MM = 595.0
 
 GEOMETRIES = ("parallel", "fan")
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
-PHANTOM_KINDS = ("body", "water")
+PHANTOM_KINDS = ("body", "water", "qa")
 
 # Sub-bins per detector bin in the forward projector; 8 keeps the projection error
 # below that of scikit-image's rotation-based radon at a fraction of its cost.
@@ -598,6 +598,9 @@ _LABELS = {
     "fluid": 14,
     "water": 15,
     "disc": 16,
+    "insert": 17,
+    "low_contrast": 18,
+    "edge": 19,
 }
 
 
@@ -617,6 +620,38 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A circular object of known HU in a phantom slice, where image quality is measured.
+
+    ``kind`` is ``"phantom"`` (the whole cylinder), ``"uniform"`` (a region for noise),
+    ``"insert"`` (a sensitometry insert), ``"low_contrast"`` (a 1 % contrast disc) or
+    ``"edge"`` (the rod whose edge gives the MTF). Positions are in pixels (row, col
+    of the centre); ``hu`` is the noiseless value inside, ``background_hu`` around it.
+    """
+
+    name: str
+    kind: str
+    row: float
+    col: float
+    radius_px: float
+    diameter_mm: float
+    hu: float
+    background_hu: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "row": round(self.row, 4),
+            "col": round(self.col, 4),
+            "radius_px": round(self.radius_px, 4),
+            "diameter_mm": round(self.diameter_mm, 3),
+            "hu": self.hu,
+            "background_hu": self.background_hu,
+        }
+
+
+@dataclass(frozen=True)
 class Phantom:
     """A noiseless phantom slice.
 
@@ -626,7 +661,9 @@ class Phantom:
     ``"bone"`` (cortical and trabecular), ``"vessel"``, ``"liver"``, ``"spleen"``,
     ``"kidney"``, ``"bowel"``, ``"lung"`` and ``"lesion"`` (any of which may be empty at
     a given level); the water phantom adds ``"water"`` and ``"uniform"`` (a central disk
-    of 60 % of the radius, for noise measurements).
+    of 60 % of the radius, for noise measurements); the QA phantom adds ``"water"``,
+    ``"uniform"``, ``"insert"``, ``"low_contrast"`` and ``"edge"``, and lists every
+    object with its exact HU in ``regions``.
     """
 
     image: np.ndarray
@@ -637,6 +674,8 @@ class Phantom:
     lesions: tuple[Lesion, ...] = ()
     #: Case-level parameters (for provenance; plain floats and strings).
     params: dict[str, Any] = field(default_factory=dict)
+    #: Objects of known HU (the QA phantom's inserts, discs, edge and uniform region).
+    regions: tuple[Region, ...] = ()
 
     @property
     def size(self) -> int:
@@ -797,6 +836,121 @@ def _water_phantom(
         slice_z_mm=float(slice_z),
         masks=masks,
         params={"diameter_mm": diameter, "fov_mm": fov},
+    )
+
+
+#: Sensitometry inserts of the QA phantom: (name, nominal HU). The materials of the
+#: CT-number modules of the standard QA phantoms, from air to a Teflon-like plastic.
+QA_INSERTS: tuple[tuple[str, float], ...] = (
+    ("air", -1000.0),
+    ("pmp", -200.0),
+    ("ldpe", -100.0),
+    ("polystyrene", -35.0),
+    ("acrylic", 120.0),
+    ("delrin", 340.0),
+    ("bone_50", 725.0),
+    ("teflon", 990.0),
+)
+#: Diameters (mm) of the QA phantom's low-contrast discs, all +QA_LOW_CONTRAST_HU over water.
+QA_LOW_CONTRAST_MM: tuple[float, ...] = (15.0, 12.0, 9.0, 7.0, 5.0, 3.0)
+#: Contrast of the low-contrast discs: 1 % of the water attenuation.
+QA_LOW_CONTRAST_HU = 10.0
+#: The edge rod (MTF): a dense rod with a sharp circular edge.
+QA_EDGE_HU = 1000.0
+QA_EDGE_DIAMETER_MM = 25.0
+QA_INSERT_DIAMETER_MM = 12.0
+#: Radius (mm) of the central uniform region used for noise.
+QA_UNIFORM_RADIUS_MM = 20.0
+# Ring radii (mm) of the low-contrast discs and of the inserts + edge rod.
+_QA_DISC_RING_MM = 38.0
+_QA_INSERT_RING_MM = 64.0
+
+
+def _qa_phantom(
+    size: int, rng: np.random.Generator, slice_z: float, fov_mm: float | None
+) -> Phantom:
+    """A water cylinder with CT-number inserts, 1 % discs, a uniform region and an edge.
+
+    Laid out like the standard CT QA phantoms (one slice holds every module): a
+    central uniform region, six low-contrast discs on an inner ring, and on an outer
+    ring eight sensitometry inserts and a dense rod whose edge gives the MTF. Each
+    case draws the diameter (190-230 mm), a rotation and a small off-centre shift, so
+    training sees variety; the phantom is the same at every ``slice_z``.
+    """
+    diameter = float(rng.uniform(190.0, 230.0))
+    rotation = float(rng.uniform(0.0, 2.0 * math.pi))
+    shift_x, shift_y = (float(v) for v in rng.uniform(-8.0, 8.0, size=2))
+    fov = float(fov_mm) if fov_mm is not None else float(round(diameter + 60.0))
+    spacing = fov / size
+    canvas = _Canvas(size, spacing, -1000.0)
+    regions: list[Region] = []
+
+    def add(name: str, kind: str, x: float, y: float, d_mm: float, hu: float, label: str) -> None:
+        canvas.paint(_Blob(x, y, d_mm / 2.0, d_mm / 2.0), hu, label)
+        regions.append(
+            Region(
+                name=name,
+                kind=kind,
+                row=y / spacing + canvas.centre,
+                col=x / spacing + canvas.centre,
+                radius_px=d_mm / 2.0 / spacing,
+                diameter_mm=d_mm,
+                hu=hu,
+                background_hu=-1000.0 if kind == "phantom" else 0.0,
+            )
+        )
+
+    def at(ring: float, angle: float) -> tuple[float, float]:
+        return shift_x + ring * math.cos(angle), shift_y + ring * math.sin(angle)
+
+    add("cylinder", "phantom", shift_x, shift_y, diameter, 0.0, "water")
+    for k, d_mm in enumerate(QA_LOW_CONTRAST_MM):
+        x, y = at(_QA_DISC_RING_MM, rotation + k * math.pi / 3.0)
+        add(f"disc_{d_mm:g}mm", "low_contrast", x, y, d_mm, QA_LOW_CONTRAST_HU, "low_contrast")
+    step = 2.0 * math.pi / (len(QA_INSERTS) + 1)
+    for k, (name, hu) in enumerate(QA_INSERTS):
+        x, y = at(_QA_INSERT_RING_MM, rotation + k * step)
+        add(name, "insert", x, y, QA_INSERT_DIAMETER_MM, hu, "insert")
+    x, y = at(_QA_INSERT_RING_MM, rotation + len(QA_INSERTS) * step)
+    add("edge_rod", "edge", x, y, QA_EDGE_DIAMETER_MM, QA_EDGE_HU, "edge")
+    # The uniform region is not painted (it is water); it only marks where to measure.
+    regions.append(
+        Region(
+            name="uniform",
+            kind="uniform",
+            row=shift_y / spacing + canvas.centre,
+            col=shift_x / spacing + canvas.centre,
+            radius_px=QA_UNIFORM_RADIUS_MM / spacing,
+            diameter_mm=2.0 * QA_UNIFORM_RADIUS_MM,
+            hu=0.0,
+            background_hu=0.0,
+        )
+    )
+    lab = canvas.labels
+    yy, xx = np.indices((size, size))
+    uniform = regions[-1]
+    masks = {
+        "air": lab == _LABELS["air"],
+        "body": lab != _LABELS["air"],
+        "water": lab == _LABELS["water"],
+        "uniform": np.hypot(yy - uniform.row, xx - uniform.col) < uniform.radius_px,
+        "insert": lab == _LABELS["insert"],
+        "low_contrast": lab == _LABELS["low_contrast"],
+        "edge": lab == _LABELS["edge"],
+    }
+    return Phantom(
+        image=canvas.image,
+        pixel_spacing_mm=spacing,
+        kind="qa",
+        slice_z_mm=float(slice_z),
+        masks=masks,
+        params={
+            "diameter_mm": diameter,
+            "fov_mm": fov,
+            "rotation_rad": rotation,
+            "shift_mm": [shift_x, shift_y],
+        },
+        regions=tuple(regions),
     )
 
 
@@ -1195,11 +1349,16 @@ def make_phantom(
         vertebra with cortex and trabecular bone, ribs, lung bases at upper levels,
         3-8 spherical low-contrast lesions of 5-20 HU and 3-20 mm, organ texture).
         ``"water"``: a water cylinder (0 HU, 180-320 mm) in air.
+        ``"qa"``: a CT quality-assurance phantom (see :data:`QA_INSERTS`): a water
+        cylinder (190-230 mm) with sensitometry inserts of -1000 to 990 HU, 1 %
+        (10 HU) discs of 3-15 mm, a uniform region and a dense rod with a sharp edge;
+        ``regions`` gives every object's position and exact HU.
     slice_z
         Slice position in mm; organs grow, shrink, appear and disappear smoothly with it.
     fov_mm
         Field of view; default about the body width plus a margin (340-420 mm for the
-        body, 1.2 x the diameter for water). ``pixel_spacing_mm = fov_mm / size``.
+        body, 1.2 x the diameter for water, the diameter + 60 mm for the QA phantom).
+        ``pixel_spacing_mm = fov_mm / size``.
     with_lesions
         ``False`` leaves the lesions out and changes nothing else: signal-absent images
         for detectability studies.
@@ -1216,6 +1375,8 @@ def make_phantom(
         return _body_phantom(int(size), rng, float(slice_z), fov_mm, with_lesions)
     if kind == "water":
         return _water_phantom(int(size), rng, float(slice_z), fov_mm)
+    if kind == "qa":
+        return _qa_phantom(int(size), rng, float(slice_z), fov_mm)
     raise ValueError(f"kind: must be one of {PHANTOM_KINDS}, got {kind!r}")
 
 
@@ -1263,6 +1424,8 @@ class _SliceResult:
     scan: ScanResult
     noise_full: float
     noise_low: float
+    #: Where the phantom's objects are (simulation.json), for image-quality metrics.
+    objects: dict[str, Any] | None = None
 
 
 def _load_source_slice(path: str, resample_to: int | None) -> tuple[np.ndarray, float]:
@@ -1315,7 +1478,16 @@ def _run_slice(task: _SliceTask) -> _SliceResult:
         )
         truth = phantom.image.astype(np.float64)
         spacing = phantom.pixel_spacing_mm
+        objects: dict[str, Any] | None = {
+            "z_mm": phantom.slice_z_mm,
+            "regions": [r.to_json() for r in phantom.regions],
+            "lesions": [
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(les).items()}
+                for les in phantom.lesions
+            ],
+        }
     else:
+        objects = None
         truth, spacing = _load_source_slice(task.source_path, task.resample_to)
     # Values below air (padding outside the scan circle) are air to the scanner.
     truth = np.maximum(truth, -1024.0)
@@ -1348,6 +1520,7 @@ def _run_slice(task: _SliceTask) -> _SliceResult:
         scan=scan,
         noise_full=_soft_tissue_noise(scan.full_dose, scan.truth_recon),
         noise_low=_soft_tissue_noise(scan.low_dose, scan.truth_recon),
+        objects=objects,
     )
 
 
@@ -1486,7 +1659,9 @@ def simulate_dataset(
 
     Layout (AAPM style)::
 
-        output_dir/simulation.json                 every parameter, per-case noise
+        output_dir/simulation.json                 every parameter, per-case noise and,
+                                                   for phantoms, per slice the objects of
+                                                   known HU (QA regions, lesions)
         output_dir/sim0001/full_dose/CT0001.dcm    I0
         output_dir/sim0001/quarter_dose/...        I0 * 0.25 (else low_dose_<percent>)
         output_dir/sim0001/truth/...               the noiseless image that was scanned
@@ -1527,7 +1702,7 @@ def simulate_dataset(
     slice_thickness_mm
         Slice spacing of phantom cases.
     phantom_kind
-        ``"body"`` or ``"water"`` (see :func:`make_phantom`).
+        ``"body"``, ``"water"`` or ``"qa"`` (see :func:`make_phantom`).
     resample_sources
         Resample source images to ``size`` x ``size`` (after padding to square).
     write_truth_recon
@@ -1771,4 +1946,10 @@ def _write_case(
             "low_dose": mean_noise([s.noise_low for s in slices]),
         },
         "starved_ray_fraction": max(s.scan.starved_fraction for s in slices),
+        # Per slice, in instance order: the phantom's objects of known HU (see Region).
+        **(
+            {"slices": [s.objects for s in slices]}
+            if all(s.objects is not None for s in slices)
+            else {}
+        ),
     }

@@ -1,8 +1,12 @@
-"""The two-stage trainer (DESIGN section 6).
+"""The two-stage trainer (DESIGN section 6), and the paper's comparison methods.
 
 Stage 1: the perceptual DRL learns LDCT -> NDCT with MSE + 0.1 x VGG16 perceptual loss.
 Stage 2: the difference DRL learns, with MSE, to predict ``Y_hat - Y`` from ``Y_hat``
 (the stage-1 output), so inference computes ``final = Y_hat - diff_pred``.
+
+``TrainOptions.method`` trains the other pipelines of the paper's figure 2 the same way
+(:data:`METHODS`: A, B, D and the CNN10 variants); MANIFEST.json records the pipeline,
+which :class:`ldct_node.model.cascade.Cascade` runs.
 
 Everything lands in the output folder::
 
@@ -45,9 +49,60 @@ from ldct_node.model.metrics import rmse
 
 logger = logging.getLogger(__name__)
 
-STAGE_FILES = {1: "drl_perceptual.weights.h5", 2: "drl_difference.weights.h5"}
-STAGE_BUILDERS = {1: "drl_perceptual", 2: "drl_difference"}
 STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One network of a method's pipeline and how it is trained."""
+
+    #: Name of the network in MANIFEST.json (``networks`` and ``pipeline``).
+    role: str
+    #: Architecture (a key of ``NETWORK_BUILDERS``).
+    builder: str
+    #: ``"image"``: the network outputs the image; ``"difference"``: it predicts its
+    #: input minus the NDCT, which is subtracted.
+    output: str
+    #: ``"perceptual"`` (MSE + weight x VGG16 perceptual) or ``"mse"``.
+    loss: str
+    file: str
+
+
+_PERCEPTUAL = StageSpec(
+    "perceptual", "drl_perceptual", "image", "perceptual", "drl_perceptual.weights.h5"
+)
+_DIFFERENCE = StageSpec(
+    "difference", "drl_difference", "difference", "mse", "drl_difference.weights.h5"
+)
+
+#: The methods of the paper's comparison (its figure 2), by name. Stage k is trained on
+#: the output of stages 1..k-1. ``perceptual`` stages train for ``epochs_perceptual``
+#: epochs, MSE stages for ``epochs_difference``.
+METHODS: dict[str, tuple[StageSpec, ...]] = {
+    "C": (_PERCEPTUAL, _DIFFERENCE),
+    "A": (_DIFFERENCE,),
+    "B": (_PERCEPTUAL,),
+    "D": (
+        StageSpec("level1", "drl_difference", "difference", "mse", "drl_level1.weights.h5"),
+        StageSpec("level2", "drl_difference", "difference", "mse", "drl_level2.weights.h5"),
+    ),
+    "C-cnn10": (
+        _PERCEPTUAL,
+        StageSpec("difference", "cnn10", "difference", "mse", "cnn10_difference.weights.h5"),
+    ),
+    "D-cnn10": (
+        StageSpec("level1", "cnn10", "difference", "mse", "cnn10_level1.weights.h5"),
+        StageSpec("level2", "cnn10", "difference", "mse", "cnn10_level2.weights.h5"),
+    ),
+}
+METHOD_DESCRIPTIONS = {
+    "C": "cascade: perceptual DRL, then MSE difference DRL (the paper's method)",
+    "A": "single MSE difference DRL",
+    "B": "perceptual DRL alone",
+    "D": "two-level MSE difference cascade of DRLs (Wu et al.)",
+    "C-cnn10": "cascade with CNN10 as the difference predictor",
+    "D-cnn10": "two-level MSE difference cascade of CNN10s (Wu et al.'s networks)",
+}
 
 
 @dataclass
@@ -69,6 +124,11 @@ class TrainOptions:
     max_patches: int | None = None
     seed: int = 0
     resume: bool = False
+    #: Which pipeline to train (a key of METHODS); "C" is the paper's cascade.
+    method: str = "C"
+    #: Weights folder of an earlier run whose leading stages this method shares
+    #: (same data and recipe): they are loaded instead of trained again.
+    reuse_from: Path | None = None
     verbose: int = 1
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +142,8 @@ class TrainOptions:
             raise ValueError("learning_rate must be > 0")
         if self.max_patches is not None and self.max_patches < 1:
             raise ValueError("max_patches must be >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -240,8 +302,73 @@ def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> d
     }
 
 
+def _stage_loss(spec: StageSpec, opts: TrainOptions, vgg_extractor: Any | None) -> Any:
+    """The loss of one stage: MSE, or MSE + weight x VGG16 perceptual distance."""
+    if spec.loss == "mse":
+        return "mse"
+    from ldct_node.model.losses import load_vgg_extractor, make_perceptual_mse_loss
+
+    extractor = vgg_extractor if vgg_extractor is not None else load_vgg_extractor(opts.vgg_weights)
+    return make_perceptual_mse_loss(extractor, opts.perceptual_weight)
+
+
+def _stage_epochs(spec: StageSpec, opts: TrainOptions) -> int:
+    return opts.epochs_perceptual if spec.loss == "perceptual" else opts.epochs_difference
+
+
+def _apply_stage(spec: StageSpec, net: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The pipeline's image after this stage: the network's image, or input - difference."""
+    pred = _predict(net, x, batch_size)
+    return pred if spec.output == "image" else x - pred
+
+
+def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[Path]:
+    """Weights files of ``opts.reuse_from`` for the leading stages it shares with ``stages``.
+
+    A stage is shared when it has the same builder, output and loss, and was trained on
+    the same data with the same recipe (patches, epochs, learning rate, seed), so the
+    network is exactly the one this run would train.
+    """
+    if opts.reuse_from is None:
+        return []
+    path = opts.reuse_from / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --reuse-from needs a trained weights folder")
+    other = json.loads(path.read_text(encoding="utf-8"))
+    mine = {k: v for k, v in _recipe(opts).items() if k not in ("method", "reuse_from")}
+    theirs = {k: v for k, v in other.get("recipe", {}).items() if k not in ("method", "reuse_from")}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(
+            f"--reuse-from: {opts.reuse_from} was trained with another recipe ({diff})"
+        )
+    files: list[Path] = []
+    for spec, entry in zip(stages, other.get("pipeline", []), strict=False):
+        net = other["networks"][entry["network"]]
+        if (net["builder"], entry["output"], entry.get("loss")) != (
+            spec.builder,
+            spec.output,
+            spec.loss,
+        ):
+            break
+        file = opts.reuse_from / net["file"]
+        if sha256_file(file) != net["sha256"]:
+            raise ValueError(f"--reuse-from: {file} does not match its manifest's sha256")
+        files.append(file)
+    if not files:
+        raise ValueError(
+            f"--reuse-from: {opts.reuse_from} ({other.get('method', 'C')}) shares no leading "
+            f"stage with method {opts.method}"
+        )
+    return files
+
+
 def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
-    """Run both stages and write weights + MANIFEST.json into ``opts.output_dir``.
+    """Train every stage of ``opts.method`` and write weights + MANIFEST.json.
+
+    Stage k learns from the pipeline's output after stage k - 1 (the LDCT for k = 1):
+    an ``image`` stage learns the NDCT, a ``difference`` stage learns its input minus
+    the NDCT (inference subtracts what it predicts).
 
     Parameters
     ----------
@@ -258,10 +385,11 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     """
     import keras
 
-    from ldct_node.model.losses import load_vgg_extractor, make_perceptual_mse_loss
-    from ldct_node.model.networks import build_drl_difference, build_drl_perceptual
+    from ldct_node.model.networks import NETWORK_BUILDERS
 
     opts.validate()
+    stages = METHODS[opts.method]
+    n_stages = len(stages)
     out = opts.output_dir
     ckpt_dir = out / "checkpoints"
     for d in (out, ckpt_dir, out / "logs"):
@@ -272,94 +400,109 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
             f"{out} holds a previous run's checkpoints: pass --resume to continue it, "
             "or choose another --output"
         )
-    if state["stage"] >= 3:  # a finished run: continue stage 2 if more epochs are asked for
-        state = {"stage": 2, "epochs_done": state["epochs_done"]}
+    if state["stage"] > n_stages:  # a finished run: continue the last stage if asked to
+        state = {"stage": n_stages, "epochs_done": state["epochs_done"]}
+    reused = _reusable_stages(opts, stages)
     keras.utils.set_random_seed(opts.seed)
 
     patches = load_patches(opts)
     logger.info(
-        "patches: %d train (%d cases), %d validation (%d cases)",
+        "method %s: %d train patches (%d cases), %d validation (%d cases)",
+        opts.method,
         len(patches.train_ldct),
         len(patches.train_cases),
         len(patches.val_ldct),
         len(patches.val_cases),
     )
-    val = (patches.val_ldct, patches.val_ndct) if len(patches.val_ldct) else None
+    has_val = len(patches.val_ldct) > 0
+    x_train = patches.train_ldct
+    x_val = patches.val_ldct if has_val else None
     history: dict[str, list[dict[str, float]]] = {}
+    stage_rmse: dict[str, float] = {}
+    nets: list[Any] = []
+    for k, spec in enumerate(stages, start=1):
+        net = NETWORK_BUILDERS[spec.builder]()
 
-    # Stage 1: perceptual DRL, LDCT -> NDCT.
-    net1 = build_drl_perceptual()
-    extractor = vgg_extractor if vgg_extractor is not None else load_vgg_extractor(opts.vgg_weights)
-    net1.compile(
-        optimizer=keras.optimizers.Adam(opts.learning_rate),
-        loss=make_perceptual_mse_loss(extractor, opts.perceptual_weight),
-        metrics=["mse"],
-    )
-    stage1_done = state["stage"] > 1
-    if opts.resume and (stage1_done or state["epochs_done"] > 0):
-        _load_checkpoint(net1, ckpt_dir / "stage1.weights.h5")
-    if not stage1_done:
-        history["stage1"] = _fit_stage(
-            1,
-            net1,
+        def target(x: np.ndarray, ndct: np.ndarray, spec: StageSpec = spec) -> np.ndarray:
+            return ndct if spec.output == "image" else x - ndct
+
+        if k <= len(reused):
+            # Not compiled: a reused network is only run, never trained here.
+            net.load_weights(str(reused[k - 1]))
+            logger.info("stage %d: reusing %s", k, reused[k - 1])
+        else:
+            net.compile(
+                optimizer=keras.optimizers.Adam(opts.learning_rate),
+                loss=_stage_loss(spec, opts, vgg_extractor),
+                metrics=["mse"] if spec.loss == "perceptual" else None,
+            )
+            if opts.resume and (
+                state["stage"] > k or (state["stage"] == k and state["epochs_done"])
+            ):
+                _load_checkpoint(net, ckpt_dir / f"stage{k}.weights.h5")
+            if state["stage"] <= k:
+                history[f"stage{k}"] = _fit_stage(
+                    k,
+                    net,
+                    x_train,
+                    target(x_train, patches.train_ndct),
+                    (x_val, target(x_val, patches.val_ndct)) if x_val is not None else None,
+                    epochs=_stage_epochs(spec, opts),
+                    initial_epoch=state["epochs_done"] if state["stage"] == k else 0,
+                    opts=opts,
+                )
+                if k < n_stages:
+                    _save_weights_atomic(net, ckpt_dir / f"stage{k}.weights.h5")
+                    _atomic_write_text(
+                        ckpt_dir / STATE_FILE, json.dumps({"stage": k + 1, "epochs_done": 0})
+                    )
+                    state = {"stage": k + 1, "epochs_done": 0}
+        nets.append(net)
+        # The next stage learns from this stage's output.
+        x_train = _apply_stage(spec, net, x_train, opts.batch_size)
+        if x_val is not None:
+            x_val = _apply_stage(spec, net, x_val, opts.batch_size)
+            if k < n_stages:
+                stage_rmse[f"rmse_hu_stage{k}_vs_ndct"] = rmse(
+                    model_to_hu(x_val), model_to_hu(patches.val_ndct)
+                )
+
+    for spec, net in zip(stages, nets, strict=True):
+        export_weights(net, spec.builder, out / spec.file)
+
+    # Validation patches when there are any, else the training patches.
+    if x_val is not None:
+        split, eval_low, eval_full, final = "validation", patches.val_ldct, patches.val_ndct, x_val
+    else:
+        split, eval_low, eval_full, final = (
+            "training",
             patches.train_ldct,
             patches.train_ndct,
-            val,
-            epochs=opts.epochs_perceptual,
-            initial_epoch=state["epochs_done"] if state["stage"] == 1 else 0,
-            opts=opts,
+            x_train,
         )
-        _save_weights_atomic(net1, ckpt_dir / "stage1.weights.h5")
-        _atomic_write_text(ckpt_dir / STATE_FILE, json.dumps({"stage": 2, "epochs_done": 0}))
-        state = {"stage": 2, "epochs_done": 0}
-
-    # Stage 2: difference DRL on stage-1 predictions, target Y_hat - Y.
-    y_hat_train = _predict(net1, patches.train_ldct, opts.batch_size)
-    y_hat_val = _predict(net1, patches.val_ldct, opts.batch_size) if val is not None else None
-    net2 = build_drl_difference()
-    net2.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="mse")
-    if opts.resume and state["epochs_done"] > 0:
-        _load_checkpoint(net2, ckpt_dir / "stage2.weights.h5")
-    history["stage2"] = _fit_stage(
-        2,
-        net2,
-        y_hat_train,
-        y_hat_train - patches.train_ndct,
-        (y_hat_val, y_hat_val - patches.val_ndct) if y_hat_val is not None else None,
-        epochs=opts.epochs_difference,
-        initial_epoch=state["epochs_done"],
-        opts=opts,
-    )
-
-    for stage, net in ((1, net1), (2, net2)):
-        export_weights(net, STAGE_BUILDERS[stage], out / STAGE_FILES[stage])
-
-    # Validation patches when there are any, else the training patches; stage 1's
-    # predictions for them were made above for stage 2.
-    if y_hat_val is not None:
-        split, eval_low, eval_full, y_hat = (
-            "validation",
-            patches.val_ldct,
-            patches.val_ndct,
-            y_hat_val,
-        )
-    else:
-        split, eval_low, eval_full = "training", patches.train_ldct, patches.train_ndct
-        y_hat = y_hat_train
-    final = y_hat - _predict(net2, y_hat, opts.batch_size)
     metrics: dict[str, Any] = {
         f"patches_{split}": {
             **patch_metrics(eval_low, eval_full, final),
-            "rmse_hu_stage1_vs_ndct": rmse(model_to_hu(y_hat), model_to_hu(eval_full)),
+            **stage_rmse,
             "n_patches": len(eval_low),
         }
     }
-    manifest = write_manifest(opts, patches, metrics, history)
+    extra = {"reused_stages": [str(p) for p in reused]} if reused else {}
+    manifest = write_manifest(opts, patches, metrics, history, extra_data=extra)
+    last_epochs = _stage_epochs(stages[-1], opts)
     _atomic_write_text(
         ckpt_dir / STATE_FILE,
-        json.dumps({"stage": 3, "epochs_done": max(opts.epochs_difference, state["epochs_done"])}),
+        json.dumps({"stage": n_stages + 1, "epochs_done": max(last_epochs, state["epochs_done"])}),
     )
     return manifest
+
+
+def _recipe(opts: TrainOptions) -> dict[str, Any]:
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(opts).items()
+        if k not in ("output_dir", "verbose", "resume", "extra_provenance")
+    }
 
 
 def write_manifest(
@@ -367,38 +510,45 @@ def write_manifest(
     patches: PatchSet,
     metrics: dict[str, Any],
     history: dict[str, list[dict[str, float]]],
+    *,
+    extra_data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """MANIFEST.json: what inference loads (networks + sha256) and the provenance."""
+    """MANIFEST.json: what inference loads (networks, pipeline, sha256) and the provenance."""
     import keras
 
+    from ldct_node.model.networks import NETWORK_BUILDERS
+
     out = opts.output_dir
-    digests = {stage: sha256_file(out / name) for stage, name in STAGE_FILES.items()}
+    stages = METHODS[opts.method]
+    digests = [sha256_file(out / spec.file) for spec in stages]
     stamp = dt.datetime.now(dt.UTC)
-    version = f"drlc-{stamp:%Y%m%d}-{digests[1][:6]}{digests[2][:6]}"
+    prefix = "drlc" if opts.method == "C" else f"ldct{opts.method.lower().replace('-', '')}"
+    version = f"{prefix}-{stamp:%Y%m%d}-{''.join(d[:6] for d in digests)}"
     sim_json = opts.data_dir / "simulation.json"
-    recipe = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in asdict(opts).items()
-        if k not in ("output_dir", "verbose", "resume", "extra_provenance")
-    }
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "model_version": version,
         "created": stamp.isoformat(timespec="seconds"),
+        "method": opts.method,
+        "method_description": METHOD_DESCRIPTIONS[opts.method],
         "networks": {
-            role: {
-                "builder": STAGE_BUILDERS[stage],
-                "file": STAGE_FILES[stage],
-                "sha256": digests[stage],
-                "parameters": 225601,
+            spec.role: {
+                "builder": spec.builder,
+                "file": spec.file,
+                "sha256": digest,
+                "parameters": int(NETWORK_BUILDERS[spec.builder]().count_params()),
             }
-            for stage, role in ((1, "perceptual"), (2, "difference"))
+            for spec, digest in zip(stages, digests, strict=True)
         },
+        # What inference runs, in order (ldct_node.model.cascade reads this).
+        "pipeline": [
+            {"network": spec.role, "output": spec.output, "loss": spec.loss} for spec in stages
+        ],
         "inference": {
-            "final": "Y_hat - diff_pred",
+            "final": pipeline_formula(stages),
             "model_range": {"hu_min": HU_MIN, "hu_range": HU_RANGE},
         },
-        "recipe": recipe,
+        "recipe": _recipe(opts),
         "data": {
             "train_cases": patches.train_cases,
             "validation_cases": patches.val_cases,
@@ -408,6 +558,7 @@ def write_manifest(
                 json.loads(sim_json.read_text(encoding="utf-8")) if sim_json.is_file() else None
             ),
             **opts.extra_provenance,
+            **(extra_data or {}),
         },
         "metrics": metrics,
         "history": history,
@@ -421,3 +572,18 @@ def write_manifest(
     _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %s (model version %s)", out / MANIFEST_NAME, version)
     return manifest
+
+
+def pipeline_formula(stages: tuple[StageSpec, ...]) -> str:
+    """What a pipeline computes, e.g. ``Y_hat - diff_pred`` (the cascade) or, for D,
+    ``y1 = x - level1(x); final = y1 - level2(y1)``."""
+    if stages == METHODS["C"]:
+        return "Y_hat - diff_pred"
+    steps: list[str] = []
+    prev = "x"
+    for k, spec in enumerate(stages, start=1):
+        name = "final" if k == len(stages) else f"y{k}"
+        rhs = f"{spec.role}({prev})" if spec.output == "image" else f"{prev} - {spec.role}({prev})"
+        steps.append(f"{name} = {rhs}")
+        prev = name
+    return "; ".join(steps)

@@ -1,0 +1,143 @@
+"""`ldct-node evaluate`: methods measured on simulated anatomy and QA-phantom cases."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from ldct_node.model.evaluation import (
+    Method,
+    estimate_noise_hu,
+    evaluate,
+    goal_checks,
+    load_eval_cases,
+)
+from ldct_node.model.simulate import simulate_dataset
+
+HAVE_BM3D = importlib.util.find_spec("bm3d") is not None
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A held-out set: one anatomy case (64 px) and one QA-phantom case (256 px)."""
+    root = tmp_path_factory.mktemp("heldout")
+    common = {"n_cases": 1, "seed": 21, "write_truth_recon": True, "progress": False}
+    simulate_dataset(root / "body", slices_per_case=2, size=64, **common)
+    simulate_dataset(root / "qa", slices_per_case=1, size=256, phantom_kind="qa", **common)
+    return root
+
+
+def test_evaluate_command_reports_every_method(
+    heldout: Path, untrained_weights: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    args = ["evaluate", "--ldct", heldout, "--reference", heldout, "--truth", heldout]
+    args += ["--weights", untrained_weights, "--blend", "0", "--blend", "0.3"]
+    args += ["--report", report] + (["--bm3d"] if HAVE_BM3D else [])
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((report / "report.json").read_text())
+    methods = ["C", "C, blend 0.3"] + (["BM3D"] if HAVE_BM3D else [])
+    assert data["images"] == ["LDCT", "NDCT", *methods]
+    assert data["n_cases"] == {"anatomy": 1, "qa": 1}
+    assert set(data["per_case"]) == {"body/sim0001", "qa/sim0001"}
+    anatomy, qa = data["anatomy"], data["qa"]
+    # Quarter dose: about twice the full-dose noise, whatever the region.
+    assert 1.5 < anatomy["LDCT"]["noise_std"] / anatomy["NDCT"]["noise_std"] < 2.7
+    assert 1.5 < qa["LDCT"]["noise_std_uniform"] / qa["NDCT"]["noise_std_uniform"] < 2.7
+    assert anatomy["LDCT"]["rmse_vs_truth"] > anatomy["NDCT"]["rmse_vs_truth"]
+    assert qa["NDCT"]["cnr_mean"] > qa["LDCT"]["cnr_mean"]
+    assert qa["NDCT"]["insert_max_abs_bias"] < 12.0
+    # Blending 30 % of the input moves every metric from the method toward the LDCT.
+    for key in ("rmse_vs_ndct", "ssim_vs_ndct"):
+        lo, hi = sorted((anatomy["C"][key], anatomy["LDCT"][key]))
+        assert lo - 1e-6 <= anatomy["C, blend 0.3"][key] <= hi + 1e-6, key
+    if HAVE_BM3D:
+        assert qa["BM3D"]["noise_std_uniform"] < 0.8 * qa["LDCT"]["noise_std_uniform"]
+    assert set(data["goals"]) == set(methods)
+    for goals in data["goals"].values():
+        assert set(goals) == {
+            "noise_le_ndct",
+            "cnr_ge_ndct",
+            "inserts_within_5hu",
+            "mtf50_ge_0.9_ndct",
+            "rmse_vs_truth_le_ndct",
+        }
+    markdown = (report / "report.md").read_text()
+    assert "| NDCT |" in markdown and "## QA phantom" in markdown and "teflon" in markdown
+    # Figure: LDCT | NDCT | methods, images over differences, one block per case kind.
+    with Image.open(report / "figure.png") as figure:
+        assert figure.size == (256 * len(data["images"]), 2 * (64 + 16) + 2 * (256 + 16))
+        pixels = np.asarray(figure)
+    assert pixels.std() > 10  # not blank
+
+
+def test_evaluate_usage_errors(heldout: Path, untrained_weights: Path, tmp_path: Path) -> None:
+    res = run_cli("evaluate", "--ldct", tmp_path / "nope", "--reference", heldout)
+    assert res.returncode == 2 and "--ldct" in res.stderr
+    res = run_cli("evaluate", "--ldct", heldout, "--reference", heldout, "--weights", tmp_path)
+    assert res.returncode == 2 and "MANIFEST.json" in res.stderr
+    # LDCT series with no NDCT of the same frame of reference: a clear failure.
+    qa_low = heldout / "qa" / "sim0001" / "quarter_dose"
+    body_full = heldout / "body" / "sim0001" / "full_dose"
+    args = ["evaluate", "--ldct", qa_low, "--reference", body_full]
+    res = run_cli(*args, "--weights", untrained_weights, "--report", tmp_path / "r")
+    assert res.returncode == 1 and "same frame of reference" in res.stderr
+
+
+def test_cases_pair_across_separate_folders(heldout: Path) -> None:
+    case_dir = heldout / "qa" / "sim0001"
+    (case,) = load_eval_cases(case_dir / "quarter_dose", case_dir / "full_dose")
+    assert case.truth is None and case.is_qa  # regions from ../simulation.json
+    assert case.pixel_spacing_mm == pytest.approx(
+        json.loads((heldout / "qa" / "simulation.json").read_text())["cases"][0]["pixel_spacing_mm"]
+    )
+    # An identity "method" measures exactly the LDCT.
+    summary = evaluate([case], [Method("copy", lambda hu: hu)])
+    assert summary["qa"]["copy"] == summary["qa"]["LDCT"]
+    with pytest.raises(ValueError, match="unique"):
+        evaluate([case], [Method("LDCT", lambda hu: hu)])
+
+
+def test_goal_checks_compare_with_the_ndct() -> None:
+    summary = {
+        "anatomy": {
+            "NDCT": {"noise_std": 13.0, "rmse_vs_truth": 13.0},
+            "good": {"noise_std": 12.0, "rmse_vs_truth": 11.0},
+            "smooth": {"noise_std": 8.0, "rmse_vs_truth": 14.0},
+        },
+        "qa": {
+            "NDCT": {"noise_std_uniform": 11.0, "cnr_mean": 1.0, "mtf50": 0.40},
+            "good": {
+                "noise_std_uniform": 10.0,
+                "cnr_mean": 1.1,
+                "mtf50": 0.37,
+                "insert_max_abs_bias": 4.0,
+            },
+            "smooth": {
+                "noise_std_uniform": 6.0,
+                "cnr_mean": 1.5,
+                "mtf50": 0.35,
+                "insert_max_abs_bias": 7.0,
+            },
+        },
+    }
+    assert all(goal_checks(summary, "good").values())
+    smooth = goal_checks(summary, "smooth")
+    assert smooth["noise_le_ndct"] and smooth["cnr_ge_ndct"]
+    assert smooth["inserts_within_5hu"] is False
+    assert smooth["mtf50_ge_0.9_ndct"] is False  # 0.35 < 0.9 x 0.40
+    assert smooth["rmse_vs_truth_le_ndct"] is False
+    summary["qa"] = {}
+    assert goal_checks(summary, "good")["cnr_ge_ndct"] is None  # not measured
+
+
+def test_noise_estimate_of_white_noise() -> None:
+    rng = np.random.default_rng(4)
+    assert estimate_noise_hu(rng.normal(40.0, 20.0, (2, 128, 128))) == pytest.approx(20.0, rel=0.05)
