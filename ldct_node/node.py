@@ -102,6 +102,7 @@ class Node:
                 device=settings.model.device,
                 precision=settings.model.precision,
             )
+            self.cascade.warm_up()
         self.forwarder = Forwarder(settings, self.db)
         self.worker = Worker(settings, self.db, self.spool, self.cascade)
         self.scheduler = NodeScheduler(

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,38 +79,68 @@ def denoise_series(
         raise ValueError("datasets is empty: a series needs at least one instance")
     if not profiles:
         raise ValueError("profiles is empty: at least one output profile is needed")
-    hu = [decode_hu(ds) for ds in datasets]
-    denoised: list[np.ndarray] = [np.empty(0, np.float32)] * len(hu)
-    # Slices of one series nearly always share one size; batch per size when they do not.
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(hu):
-        by_shape.setdefault(image.shape, []).append(i)
-    for indices in by_shape.values():
-        result = cascade.denoise(np.stack([hu[i] for i in indices]), progress=progress)
-        for i, image in zip(indices, result, strict=True):
-            denoised[i] = image
-
-    written: list[DerivedSeries] = []
     source_series = str(datasets[0].SeriesInstanceUID)
+    directories = {}
     for profile in profiles:
         series_uid = derived_series_uid(
             source_series, cascade.model_version, profile.name, dicom.uid_root
         )
-        directory = output_root / series_uid
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = [
-            write_derived(
-                derive_instance(
-                    ds,
-                    blend_with_input(out, src, profile.blend),
-                    profile=profile,
-                    model_version=cascade.model_version,
-                    dicom=dicom,
-                ),
-                directory,
+        directories[profile.name] = (series_uid, output_root / series_uid)
+
+    def write_one(ds: Dataset, src: np.ndarray, out: np.ndarray) -> list[Path]:
+        paths = []
+        for profile in profiles:
+            directory = directories[profile.name][1]
+            directory.mkdir(parents=True, exist_ok=True)
+            derived = derive_instance(
+                ds,
+                blend_with_input(out, src, profile.blend),
+                profile=profile,
+                model_version=cascade.model_version,
+                dicom=dicom,
             )
-            for ds, src, out in zip(datasets, hu, denoised, strict=True)
-        ]
+            paths.append(write_derived(derived, directory))
+        return paths
+
+    # Slices of one series nearly always share one size; batch per size when they do not.
+    by_shape: dict[object, list[int]] = {}
+    for i, ds in enumerate(datasets):
+        by_shape.setdefault((ds.get("Rows"), ds.get("Columns")), []).append(i)
+    # A three-stage pipeline: a thread decodes ahead of the model, the model runs batch
+    # after batch in this thread (it releases the GIL), another thread derives and
+    # writes each finished slice while the next batch is computed.
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder,
+        ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+    ):
+        decoded = [decoder.submit(decode_hu, ds) for ds in datasets]
+        writes: dict[int, Future[list[Path]]] = {}
+        try:
+            for indices in by_shape.values():
+                for start in range(0, len(indices), cascade.batch_size):
+                    chunk = indices[start : start + cascade.batch_size]
+                    hu = [decoded[i].result() for i in chunk]
+                    result = cascade.denoise(np.stack(hu), progress=progress)
+                    for i, src, out in zip(chunk, hu, result, strict=True):
+                        writes[i] = writer.submit(write_one, datasets[i], src, out)
+            per_slice = [writes[i].result() for i in range(len(datasets))]
+        except BaseException:
+            # Nothing is left behind for a series that failed (bad slice, shutdown).
+            for pending in decoded:
+                pending.cancel()
+            for future in writes.values():
+                future.cancel()
+            wait(list(writes.values()))
+            for future in writes.values():
+                if not future.cancelled() and future.exception() is None:
+                    for path in future.result():
+                        path.unlink(missing_ok=True)
+            raise
+
+    written: list[DerivedSeries] = []
+    for k, profile in enumerate(profiles):
+        series_uid, directory = directories[profile.name]
+        paths = [slice_paths[k] for slice_paths in per_slice]
         written.append(DerivedSeries(profile.name, series_uid, directory, paths))
         logger.info(
             "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
