@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,16 @@ def _setup_logging(debug: bool) -> None:
     # TensorFlow / absl chatter is not for operators.
     for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # pydicom logs and warns about invalid element values verbatim (they can be
+        # patient names), and logs every image it cannot decode as an ERROR with a
+        # traceback. The node says the same in its own words (job errors name the
+        # instance), so pydicom's own output is for --debug only. (Imported first: its
+        # import resets the "pydicom" logger's level.)
+        import pydicom.config  # noqa: F401
+
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _quiet_backend() -> None:

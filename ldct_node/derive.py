@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -131,11 +132,22 @@ def _dropped(tag: BaseTag) -> bool:
     group = tag.group
     return (
         tag.is_private
+        or group in (0x0000, 0x0002)  # command / file meta elements never belong in a body
         or tag.element == 0  # group lengths: retired, recomputed by nobody
         or int(tag) in _DROP_TAGS
         or 0x6000 <= group <= 0x60FF  # overlays
         or 0x5000 <= group <= 0x50FF  # curves (retired)
     )
+
+
+def _wrong_vr(elem: DataElement) -> bool:
+    """True for a public element whose VR contradicts the data dictionary (a corrupt or
+    mis-encoded header): copied over it would make the derived file unwritable."""
+    try:
+        expected = dictionary_VR(elem.tag)
+    except KeyError:
+        return False  # not in the dictionary (or private): nothing to check against
+    return elem.VR not in (expected, *expected.split(" or "))
 
 
 def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
@@ -146,7 +158,7 @@ def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
         # Inside sequence items only private tags and group lengths go; the rest of the
         # drop list is about this image's own pixels and identity.
         drop = _dropped(elem.tag) if top_level else elem.tag.is_private or elem.tag.element == 0
-        if drop:
+        if drop or _wrong_vr(elem):
             continue
         if elem.VR == "SQ":
             items = [_copy_public(item, top_level=False) for item in elem.value]

@@ -143,9 +143,14 @@ class _RefusedError(Exception):
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip(" \x00")
-    if not value or len(value) > 64:
-        raise _RefusedError(MISSING_UIDS, f"{keyword} missing or longer than 64 characters")
+    raw = ds.get(keyword, "")
+    value = raw.strip(" \x00") if isinstance(raw, str) else ""
+    # Lenient on form (old devices write leading zeros), strict on what it is: a string
+    # of digits and dots (not a number or text sent with a wrong VR), at most 64 long.
+    if not value or len(value) > 64 or value.strip("0123456789."):
+        raise _RefusedError(
+            MISSING_UIDS, f"{keyword} missing, not a UID or longer than 64 characters"
+        )
     return value
 
 

@@ -96,17 +96,11 @@ def denoise_series(
             source_series, cascade.model_version, profile.name, dicom.uid_root
         )
         directory = output_root / series_uid
-        directory.mkdir(parents=True, exist_ok=True)
+        # Private like the spool: the derived images carry the same patient data.
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths = [
-            write_derived(
-                derive_instance(
-                    ds,
-                    blend_with_input(out, src, profile.blend),
-                    profile=profile,
-                    model_version=cascade.model_version,
-                    dicom=dicom,
-                ),
-                directory,
+            _write_one(
+                ds, blend_with_input(out, src, profile.blend), profile, cascade, dicom, directory
             )
             for ds, src, out in zip(datasets, hu, denoised, strict=True)
         ]
@@ -115,6 +109,34 @@ def denoise_series(
             "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
         )
     return written
+
+
+def _write_one(
+    source: Dataset,
+    image_hu: np.ndarray,
+    profile: OutputProfile,
+    cascade: Cascade,
+    dicom: DicomSettings,
+    directory: Path,
+) -> Path:
+    """Derive and write one instance; a source header that cannot be carried over (an
+    element with a wrong VR or garbage value) is an :class:`InputError` naming it."""
+    try:
+        derived = derive_instance(
+            source, image_hu, profile=profile, model_version=cascade.model_version, dicom=dicom
+        )
+        return write_derived(derived, directory)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a real I/O error (disk full...), not the header; pydicom's have no errno
+        uid = source.get("SOPInstanceUID", "?")
+        # First line only: pydicom appends the offending element with its value, which
+        # could be patient data.
+        what = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(
+            f"instance {uid}: its header cannot be carried into the derived instance "
+            f"({type(exc).__name__}: {what})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------
