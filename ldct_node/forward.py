@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from ldct_node import monitoring
 from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
 from ldct_node.db import Database, ForwardInfo, JobState
 
@@ -404,7 +405,7 @@ class Forwarder:
                 delay,
                 result.error,
             )
-        return self.db.record_forward_result(
+        state = self.db.record_forward_result(
             fwd.job_id,
             fwd.destination,
             ok=result.ok,
@@ -414,3 +415,23 @@ class Forwarder:
             next_attempt_at=None if result.ok else now + timedelta(seconds=delay),
             now=now,
         )
+        _count(fwd, result, state, self.db, now)
+        return state
+
+
+def _count(
+    fwd: ForwardInfo, result: SendResult, state: JobState, db: Database, now: datetime
+) -> None:
+    """Update the Prometheus metrics after one booked forward attempt."""
+    if result.ok:
+        monitoring.SERIES_FORWARDED.labels(fwd.destination).inc()
+        monitoring.INSTANCES_FORWARDED.labels(fwd.destination).inc(result.n_sent)
+    else:
+        monitoring.FORWARD_ERRORS.labels(fwd.destination).inc()
+    if state == JobState.FAILED:
+        monitoring.JOBS_FAILED.labels("forwarding").inc()
+    elif state == JobState.DONE:
+        job = db.get_job(fwd.job_id)
+        if job.started_at is not None:
+            seconds = max((now - job.started_at).total_seconds(), 0.0)
+            monitoring.JOB_LATENCY_SECONDS.labels(job.profile).observe(seconds)

@@ -6,7 +6,8 @@ Start-up order (each step is safe to repeat after a crash):
 2. re-queue jobs left ``running`` by a previous process (``requeue_running``);
 3. remove half-written temporary files from the spool (``clean_tmp``);
 4. load the cascade once (``model.*``, weights from ``model.weights_dir``);
-5. start the C-STORE/C-ECHO receiver, the scheduler and the worker thread.
+5. start the C-STORE/C-ECHO receiver, the metrics endpoint (``[metrics] enabled``),
+   the scheduler and the worker thread.
 
 Shutdown (SIGTERM or SIGINT, or :meth:`Node.request_stop`): stop accepting
 associations (running ones get a few seconds to finish), tell the worker to stop (a
@@ -30,6 +31,7 @@ from ldct_node.config import Settings
 from ldct_node.db import Database, open_database
 from ldct_node.forward import Forwarder
 from ldct_node.model.cascade import Cascade
+from ldct_node.monitoring import MetricsServer, start_metrics_server
 from ldct_node.receive import start_receiver, stop_receiver
 from ldct_node.scheduler import NodeScheduler
 from ldct_node.spool import Spool
@@ -68,6 +70,7 @@ class Node:
         self.forwarder: Forwarder | None = None
         self.scheduler: NodeScheduler | None = None
         self.server: ThreadedAssociationServer | None = None
+        self.metrics: MetricsServer | None = None
         self._worker_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -116,6 +119,15 @@ class Node:
                 raise NodeStartError(
                     f"cannot listen on {where}: {exc.strerror or exc} (node.host / node.port)"
                 ) from exc
+            if settings.metrics.enabled:
+                try:
+                    self.metrics = start_metrics_server(settings, self.db)
+                except OSError as exc:
+                    where = f"{settings.metrics.host}:{settings.metrics.port}"
+                    raise NodeStartError(
+                        f"cannot serve metrics on {where}: {exc.strerror or exc} "
+                        "(metrics.host / metrics.port)"
+                    ) from exc
             self.scheduler.start()
             self._worker_thread = threading.Thread(
                 target=self.worker.run_forever, name="worker", daemon=True
@@ -162,6 +174,8 @@ class Node:
                 )
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.db is not None:
             self.db.close()
         logger.info("stopped")

@@ -6,7 +6,8 @@ profile, written durably.
 
 :class:`Worker` is the node's job loop around it: it claims queued jobs, runs the
 cascade once per claim for the job's output profile, writes the derived series into
-the spool and hands it on for forwarding. Between batches it checks for a shutdown
+the spool and hands it on for forwarding to the profile's destinations. Jobs of
+several profiles of one series share one cascade run. Between batches it checks for a shutdown
 (the job goes back to ``queued``) and for a cancellation (noticed by the heartbeat).
 """
 
@@ -16,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,14 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from ldct_node import monitoring
 from ldct_node.config import DicomSettings, OutputProfile, Settings
 from ldct_node.db import Database, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
 from ldct_node.dicomio import InputError, decode_hu, read_instance
+from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.routing import destinations_for
 from ldct_node.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,99 @@ class DerivedSeries:
     paths: list[Path]
 
 
+@dataclass(frozen=True)
+class CascadeOutput:
+    """Per source instance, the input HU and the cascade's output (before blending).
+
+    Arrays are (Rows, Columns) for single-frame instances and (Frames, Rows, Columns)
+    for multi-frame (Enhanced CT) ones. One output serves every profile: profiles
+    differ only in the blend and the series identity.
+    """
+
+    hu: list[np.ndarray]
+    denoised: list[np.ndarray]
+
+
+def decode_instance_hu(ds: Dataset) -> np.ndarray:
+    """HU of one instance: (Rows, Columns), or (Frames, Rows, Columns) if multi-frame."""
+    return decode_frames_hu(ds) if is_multiframe(ds) else decode_hu(ds)
+
+
+def run_cascade(
+    datasets: Sequence[Dataset],
+    cascade: Cascade,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> CascadeOutput:
+    """Decode every instance (every frame) and run the cascade over all of them.
+
+    Raises
+    ------
+    ldct_node.dicomio.InputError
+        When an instance cannot be decoded.
+    """
+    if not datasets:
+        raise ValueError("datasets is empty: a series needs at least one instance")
+    hu = [decode_instance_hu(ds) for ds in datasets]
+    # Frames of every instance, as 2D images: (instance index, frame index or None).
+    images: list[tuple[int, int | None, np.ndarray]] = []
+    for i, volume in enumerate(hu):
+        if volume.ndim == 3:
+            images.extend((i, f, frame) for f, frame in enumerate(volume))
+        else:
+            images.append((i, None, volume))
+    denoised: list[np.ndarray] = [np.empty_like(volume) for volume in hu]
+    # Slices of one series nearly always share one size; batch per size when they do not.
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, (_, _, image) in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(k)
+    for indices in by_shape.values():
+        result = cascade.denoise(np.stack([images[k][2] for k in indices]), progress=progress)
+        for k, image in zip(indices, result, strict=True):
+            owner, frame, _ = images[k]
+            if frame is None:
+                denoised[owner] = image
+            else:
+                denoised[owner][frame] = image
+    return CascadeOutput(hu=hu, denoised=denoised)
+
+
+def write_derived_series(
+    datasets: Sequence[Dataset],
+    output: CascadeOutput,
+    profiles: Sequence[OutputProfile],
+    dicom: DicomSettings,
+    output_root: Path,
+    model_version: str,
+) -> list[DerivedSeries]:
+    """Blend and write one derived series per profile from one cascade output."""
+    if not profiles:
+        raise ValueError("profiles is empty: at least one output profile is needed")
+    written: list[DerivedSeries] = []
+    source_series = str(datasets[0].SeriesInstanceUID)
+    for profile in profiles:
+        series_uid = derived_series_uid(source_series, model_version, profile.name, dicom.uid_root)
+        directory = output_root / series_uid
+        # Private like the spool: the derived images carry the same patient data.
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = [
+            _write_one(
+                ds,
+                blend_with_input(out, src, profile.blend),
+                profile,
+                model_version,
+                dicom,
+                directory,
+            )
+            for ds, src, out in zip(datasets, output.hu, output.denoised, strict=True)
+        ]
+        written.append(DerivedSeries(profile.name, series_uid, directory, paths))
+        logger.info(
+            "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
+        )
+    return written
+
+
 def denoise_series(
     datasets: Sequence[Dataset],
     cascade: Cascade,
@@ -54,10 +152,14 @@ def denoise_series(
 ) -> list[DerivedSeries]:
     """Denoise the instances of one source series and write its derived series.
 
+    The cascade runs once; each profile gets its own blend and derived series.
+
     Parameters
     ----------
     datasets
-        Full datasets (with pixel data) of one series, in slice order.
+        Full datasets (with pixel data) of one series, in slice order. Multi-frame
+        (Enhanced CT) instances are denoised frame by frame and written back as one
+        Enhanced CT instance each (see :mod:`ldct_node.enhanced`).
     cascade
         The loaded networks.
     profiles
@@ -67,7 +169,7 @@ def denoise_series(
     output_root
         Each derived series goes to ``output_root/<derived SeriesInstanceUID>/``.
     progress
-        Called with the number of slices denoised after each batch.
+        Called with the number of slices (frames) denoised after each batch.
 
     Raises
     ------
@@ -78,44 +180,17 @@ def denoise_series(
         raise ValueError("datasets is empty: a series needs at least one instance")
     if not profiles:
         raise ValueError("profiles is empty: at least one output profile is needed")
-    hu = [decode_hu(ds) for ds in datasets]
-    denoised: list[np.ndarray] = [np.empty(0, np.float32)] * len(hu)
-    # Slices of one series nearly always share one size; batch per size when they do not.
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(hu):
-        by_shape.setdefault(image.shape, []).append(i)
-    for indices in by_shape.values():
-        result = cascade.denoise(np.stack([hu[i] for i in indices]), progress=progress)
-        for i, image in zip(indices, result, strict=True):
-            denoised[i] = image
-
-    written: list[DerivedSeries] = []
-    source_series = str(datasets[0].SeriesInstanceUID)
-    for profile in profiles:
-        series_uid = derived_series_uid(
-            source_series, cascade.model_version, profile.name, dicom.uid_root
-        )
-        directory = output_root / series_uid
-        # Private like the spool: the derived images carry the same patient data.
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        paths = [
-            _write_one(
-                ds, blend_with_input(out, src, profile.blend), profile, cascade, dicom, directory
-            )
-            for ds, src, out in zip(datasets, hu, denoised, strict=True)
-        ]
-        written.append(DerivedSeries(profile.name, series_uid, directory, paths))
-        logger.info(
-            "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
-        )
-    return written
+    output = run_cascade(datasets, cascade, progress=progress)
+    return write_derived_series(
+        datasets, output, profiles, dicom, output_root, cascade.model_version
+    )
 
 
 def _write_one(
     source: Dataset,
     image_hu: np.ndarray,
     profile: OutputProfile,
-    cascade: Cascade,
+    model_version: str,
     dicom: DicomSettings,
     directory: Path,
 ) -> Path:
@@ -123,7 +198,7 @@ def _write_one(
     element with a wrong VR or garbage value) is an :class:`InputError` naming it."""
     try:
         derived = derive_instance(
-            source, image_hu, profile=profile, model_version=cascade.model_version, dicom=dicom
+            source, image_hu, profile=profile, model_version=model_version, dicom=dicom
         )
         return write_derived(derived, directory)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
@@ -248,6 +323,9 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
+        #: How many times this worker ran the cascade (reused outputs do not count).
+        self.cascade_runs = 0
+        self._last_output: tuple[tuple[str, tuple[str, ...]], CascadeOutput] | None = None
 
     # -- control ------------------------------------------------------------------------
     def wake(self) -> None:
@@ -312,6 +390,7 @@ class Worker:
             job.profile,
             job.source_instances,
         )
+        started = time.monotonic()
         output_root = self.spool.derived / f"job-{job.id}"
         with _Heartbeat(self.db, job.id, self.worker_id, self.heartbeat_seconds) as beat:
 
@@ -322,19 +401,20 @@ class Worker:
                     raise _JobLostError
 
             try:
-                datasets = self._load(job, checkpoint)
+                paths, datasets = self._load(job, checkpoint)
                 checkpoint()
                 # A previous run's output (interrupted, or an older model) must not mix in.
                 if output_root.exists():
                     self.spool.purge_paths([output_root])
                 output_root = self.spool.derived_dir(f"job-{job.id}")
-                written = denoise_series(
+                output = self._cascade_output(job, paths, datasets, checkpoint)
+                written = write_derived_series(
                     datasets,
-                    self.cascade,
+                    output,
                     [profile],
                     self.settings.dicom,
                     output_root,
-                    progress=checkpoint,
+                    self.cascade.model_version,
                 )
             except _ShutdownRequestedError:
                 return self._hand_back(job.id)
@@ -355,6 +435,9 @@ class Worker:
                     f"retry job {job.id} once the cause is fixed",
                 )
         derived = written[0]
+        monitoring.JOBS_PROCESSED.labels(profile.name).inc()
+        elapsed = time.monotonic() - started
+        monitoring.JOB_PROCESSING_SECONDS.labels(profile.name).observe(elapsed)
         logger.info(
             "job %d: derived series %s written (%d instance(s))",
             job.id,
@@ -367,15 +450,49 @@ class Worker:
                 derived.series_uid,
                 derived.directory,
                 len(derived.paths),
-                [d.name for d in self.settings.destinations],
+                destinations_for(profile, self.settings),
             )
         except TransitionError:
             return self._abandoned(job.id, output_root)
+        if state == JobState.DONE:  # no destinations: done once written
+            monitoring.JOB_LATENCY_SECONDS.labels(profile.name).observe(elapsed)
         if state == JobState.FORWARDING and self.on_forwarding is not None:
             self.on_forwarding()
         return state
 
-    def _load(self, job: JobInfo, checkpoint: Callable[[], None]) -> list[Dataset]:
+    def _cascade_output(
+        self,
+        job: JobInfo,
+        paths: list[Path],
+        datasets: list[Dataset],
+        checkpoint: Callable[[int], None],
+    ) -> CascadeOutput:
+        """Run the cascade, or reuse its output for another profile of the same input.
+
+        Jobs of one series (one per profile) are queued together and claimed one after
+        the other; the network output is the same for all of them, only the blend
+        differs. The last output is kept only while more than one profile is configured,
+        and only for exactly the same instances.
+        """
+        key = (job.series_instance_uid, tuple(str(p) for p in paths))
+        if self._last_output is not None and self._last_output[0] == key:
+            logger.info(
+                "job %d: reusing the cascade output of series %s (profile %s)",
+                job.id,
+                job.series_instance_uid,
+                job.profile,
+            )
+            return self._last_output[1]
+        self._last_output = None  # free the memory before the next run
+        output = run_cascade(datasets, self.cascade, progress=checkpoint)
+        self.cascade_runs += 1
+        if len(self.settings.outputs) > 1:
+            self._last_output = (key, output)
+        return output
+
+    def _load(
+        self, job: JobInfo, checkpoint: Callable[[], None]
+    ) -> tuple[list[Path], list[Dataset]]:
         paths = self.db.job_instances(job.id)
         if not paths:
             raise _JobInputError(
@@ -392,7 +509,7 @@ class Worker:
                     f"spooled instance {path} is missing (spool moved or files deleted): "
                     f"re-send the series, or cancel job {job.id}"
                 ) from None
-        return datasets
+        return paths, datasets
 
     def _fail(self, job_id: int, reason: str) -> JobState:
         try:
@@ -404,6 +521,7 @@ class Worker:
             )
             return state
         if state == JobState.FAILED:
+            monitoring.JOBS_FAILED.labels("processing").inc()
             logger.warning("job %d failed: %s", job_id, reason)
         else:
             logger.info(
