@@ -193,6 +193,19 @@ class ForwardSettings(_Section):
         return self.backoff_seconds[index]
 
 
+class WorkerSettings(_Section):
+    """How a worker holds its job when several processes share one database."""
+
+    # A running job (or a forward being sent) belongs to its process this long after
+    # its last heartbeat; then any other process may take it over (the owner died).
+    lease_seconds: float = Field(300, ge=1)
+
+    @field_validator("lease_seconds", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class DicomSettings(_Section):
     uid_root: str = ""
     image_comments: str = "Denoised by ldct-node; not for primary diagnosis without validation"
@@ -218,6 +231,7 @@ class Settings(_Section):
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
     # Where the file lives; relative paths resolve against it. Not a TOML key.
     base_dir: str = Field(default=".", exclude=True)

@@ -240,17 +240,41 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def is_dead_local_worker(worker_id: str) -> bool:
+    """True if ``worker_id`` (``host:pid``) names a process of this host that is gone.
+
+    Lets a restarting node take back at once what a crashed process on the same host
+    held, without touching jobs of live workers elsewhere (those wait for their lease).
+    """
+    host, _, pid_text = worker_id.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 class _Heartbeat:
     """Refreshes a running job's heartbeat in a background thread until closed.
 
     ``lost`` is set when the database says the job is no longer running for us.
     """
 
-    def __init__(self, db: Database, job_id: int, worker_id: str, interval: float) -> None:
+    def __init__(
+        self, db: Database, job_id: int, worker_id: str, interval: float, lease_seconds: float
+    ) -> None:
         self.db = db
         self.job_id = job_id
         self.worker_id = worker_id
         self.interval = interval
+        self.lease_seconds = lease_seconds
         self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(
@@ -268,7 +292,9 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._done.wait(self.interval):
             try:
-                if not self.db.heartbeat(self.job_id, self.worker_id):
+                if not self.db.heartbeat(
+                    self.job_id, self.worker_id, lease_seconds=self.lease_seconds
+                ):
                     self.lost.set()
                     return
             except Exception as exc:  # a busy database must not end the job
@@ -298,7 +324,11 @@ class Worker:
     on_forwarding
         Called after a job reached ``forwarding`` (e.g. to start sending at once).
     heartbeat_seconds
-        Interval of the running job's heartbeat.
+        Interval of the running job's heartbeat (default: 10 s, or a quarter of the
+        lease when that is shorter).
+    lease_seconds
+        How long a claimed job stays ours without a heartbeat (default
+        ``worker.lease_seconds``).
     """
 
     def __init__(
@@ -310,10 +340,18 @@ class Worker:
         *,
         worker_id: str | None = None,
         on_forwarding: Callable[[], None] | None = None,
-        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        heartbeat_seconds: float | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
+        if lease_seconds is None:
+            lease_seconds = settings.worker.lease_seconds
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: must be > 0, got {lease_seconds}")
+        if heartbeat_seconds is None:
+            heartbeat_seconds = min(HEARTBEAT_SECONDS, lease_seconds / 4)
         if heartbeat_seconds <= 0:
             raise ValueError(f"heartbeat_seconds: must be > 0, got {heartbeat_seconds}")
+        self.lease_seconds = lease_seconds
         self.settings = settings
         self.db = db
         self.spool = spool
@@ -368,7 +406,7 @@ class Worker:
         """
         if self._stop.is_set():
             return None
-        job = self.db.claim_next_job(self.worker_id)
+        job = self.db.claim_next_job(self.worker_id, lease_seconds=self.lease_seconds)
         if job is None:
             return None
         return self.process(job)
@@ -392,7 +430,9 @@ class Worker:
         )
         started = time.monotonic()
         output_root = self.spool.derived / f"job-{job.id}"
-        with _Heartbeat(self.db, job.id, self.worker_id, self.heartbeat_seconds) as beat:
+        with _Heartbeat(
+            self.db, job.id, self.worker_id, self.heartbeat_seconds, self.lease_seconds
+        ) as beat:
 
             def checkpoint(_done: int = 0) -> None:
                 if self._stop.is_set():
@@ -451,6 +491,7 @@ class Worker:
                 derived.directory,
                 len(derived.paths),
                 destinations_for(profile, self.settings),
+                worker_id=self.worker_id,
             )
         except TransitionError:
             return self._abandoned(job.id, output_root)
@@ -513,7 +554,7 @@ class Worker:
 
     def _fail(self, job_id: int, reason: str) -> JobState:
         try:
-            state = self.db.fail_job(job_id, reason)
+            state = self.db.fail_job(job_id, reason, worker_id=self.worker_id)
         except TransitionError:  # cancelled (or taken away) meanwhile: not ours to fail
             state = JobState(self.db.get_job(job_id).state)
             logger.info(
