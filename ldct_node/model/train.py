@@ -69,6 +69,7 @@ class TrainOptions:
     max_patches: int | None = None
     seed: int = 0
     resume: bool = False
+    distributed: bool = False
     verbose: int = 1
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -204,23 +205,71 @@ def _fit_stage(
     if initial_epoch >= epochs:
         logger.info("stage %d: %d/%d epochs already done", stage, initial_epoch, epochs)
         return []
-    history = model.fit(
-        x,
-        y,
-        batch_size=opts.batch_size,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        validation_data=val if val is not None and len(val[0]) else None,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=opts.verbose,
-    )
+    if opts.distributed:
+        history = _fit_distributed(model, x, y, val, callbacks, epochs, initial_epoch, opts)
+    else:
+        history = model.fit(
+            x,
+            y,
+            batch_size=opts.batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            validation_data=val if val is not None and len(val[0]) else None,
+            callbacks=callbacks,
+            shuffle=True,
+            verbose=opts.verbose,
+        )
     n = len(next(iter(history.history.values()), []))
     return [{k: float(v[i]) for k, v in history.history.items()} for i in range(n)]
 
 
-def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+def _fit_distributed(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    callbacks: list[Any],
+    epochs: int,
+    initial_epoch: int,
+    opts: TrainOptions,
+) -> Any:
+    """``fit`` on whole global batches only: a last partial batch would leave some
+    replicas an empty slice, which TensorFlow's convolutions reject. The patches are
+    reshuffled every epoch, so each epoch leaves out different ones."""
+    import tensorflow as tf
+
+    batch = opts.batch_size
+    if len(x) < batch:
+        raise ValueError(f"batch_size: {batch} is more than the {len(x)} training patches")
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=opts.seed, reshuffle_each_iteration=True)
+        .batch(batch, drop_remainder=True)
+    )
+    val_ds = None
+    if val is not None and len(val[0]) >= batch:
+        val_ds = tf.data.Dataset.from_tensor_slices(val).batch(batch, drop_remainder=True)
+    elif val is not None and len(val[0]):
+        logger.warning("fewer validation patches than one global batch: no validation loss")
+    return model.fit(
+        train_ds,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        validation_data=val_ds,
+        callbacks=callbacks,
+        verbose=opts.verbose,
+    )
+
+
+def _predict(model: Any, x: np.ndarray, batch_size: int, whole_batches: bool = False) -> np.ndarray:
+    """``model.predict``; with ``whole_batches`` the input is padded to whole batches
+    (distributed: no replica may get an empty slice) and the padding dropped again."""
+    n = len(x)
+    if whole_batches and n % batch_size:
+        pad = np.repeat(x[-1:], batch_size - n % batch_size, axis=0)
+        x = np.concatenate([x, pad])
+    out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    return out[:n]
 
 
 def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
@@ -240,7 +289,56 @@ def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> d
     }
 
 
+def distribution_strategy() -> Any:
+    """A ``tf.distribute.MirroredStrategy`` over every GPU, else every (logical) CPU.
+
+    One replica per device, gradients all-reduced after each batch. Without GPUs it
+    mirrors over the CPU devices TensorFlow has (one, unless split with
+    ``tf.config.set_logical_device_configuration``, which the tests do).
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"--distributed needs the TensorFlow backend (KERAS_BACKEND is "
+            f"{keras.backend.backend()!r})"
+        )
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    # NCCL (the default all-reduce) needs GPUs; on CPUs reduce through one device.
+    cross = None if gpus else tf.distribute.ReductionToOneDevice()
+    strategy = tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross)
+    logger.info(
+        "distributed training: MirroredStrategy with %d replica(s) on %s",
+        strategy.num_replicas_in_sync,
+        ", ".join(devices),
+    )
+    return strategy
+
+
 def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
+    """Run both stages and write weights + MANIFEST.json into ``opts.output_dir``.
+
+    With ``opts.distributed`` the networks (and the VGG16 loss network) are built and
+    trained under :func:`distribution_strategy`; ``opts.batch_size`` is the global
+    batch.
+    """
+    if not opts.distributed:
+        return _train_stages(opts, vgg_extractor=vgg_extractor)
+    opts.validate()
+    strategy = distribution_strategy()
+    if opts.batch_size < strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"batch_size: {opts.batch_size} is smaller than the "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )
+    with strategy.scope():
+        return _train_stages(opts, vgg_extractor=vgg_extractor)
+
+
+def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
     """Run both stages and write weights + MANIFEST.json into ``opts.output_dir``.
 
     Parameters
@@ -314,8 +412,11 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
         state = {"stage": 2, "epochs_done": 0}
 
     # Stage 2: difference DRL on stage-1 predictions, target Y_hat - Y.
-    y_hat_train = _predict(net1, patches.train_ldct, opts.batch_size)
-    y_hat_val = _predict(net1, patches.val_ldct, opts.batch_size) if val is not None else None
+    whole = opts.distributed
+    y_hat_train = _predict(net1, patches.train_ldct, opts.batch_size, whole)
+    y_hat_val = (
+        _predict(net1, patches.val_ldct, opts.batch_size, whole) if val is not None else None
+    )
     net2 = build_drl_difference()
     net2.compile(optimizer=keras.optimizers.Adam(opts.learning_rate), loss="mse")
     if opts.resume and state["epochs_done"] > 0:
@@ -346,7 +447,7 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
     else:
         split, eval_low, eval_full = "training", patches.train_ldct, patches.train_ndct
         y_hat = y_hat_train
-    final = y_hat - _predict(net2, y_hat, opts.batch_size)
+    final = y_hat - _predict(net2, y_hat, opts.batch_size, opts.distributed)
     metrics: dict[str, Any] = {
         f"patches_{split}": {
             **patch_metrics(eval_low, eval_full, final),
