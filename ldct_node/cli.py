@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+db_app = typer.Typer(help="Manage the job database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 _state: dict[str, bool] = {"debug": False}
 
@@ -96,8 +99,18 @@ def _setup_logging(debug: bool) -> None:
         force=True,
     )
     # TensorFlow / absl chatter is not for operators.
-    for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib", "pynetdicom"):
+    for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib", "pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # pydicom logs and warns about invalid element values verbatim (they can be
+        # patient names), and logs every image it cannot decode as an ERROR with a
+        # traceback. The node says the same in its own words (job errors name the
+        # instance), so pydicom's own output is for --debug only. (Imported first: its
+        # import resets the "pydicom" logger's level.)
+        import pydicom.config  # noqa: F401
+
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _quiet_backend() -> None:
@@ -320,6 +333,14 @@ def train(
             help="Weights of an earlier run (same data and recipe) whose leading stages to reuse.",
         ),
     ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Train on every GPU of this machine (tf.distribute.MirroredStrategy); "
+            "--batch-size is the global batch, split across the GPUs.",
+        ),
+    ] = False,
 ) -> None:
     """Train both networks of the cascade (or a comparison method) and write weights."""
     with _errors():
@@ -349,6 +370,7 @@ def train(
                 seed=seed,
                 method=method,
                 reuse_from=reuse_from,
+                distributed=distributed,
             )
         )
         out.print(f"model {manifest['model_version']} written to {output}")
@@ -450,7 +472,18 @@ def _short(text: str | None, limit: int = 90) -> str:
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            help="all: everything in one process; receiver: DICOM receiver + series "
+            "stability; worker: denoise + forward. Any number of each may share one "
+            "database and spool.",
+        ),
+    ] = "all",
+) -> None:
     """Run the node: DICOM receiver, scheduler, worker and forwarder in one process.
 
     Stops cleanly on SIGTERM or SIGINT (a running job goes back to the queue).
@@ -459,21 +492,31 @@ def serve(config: ConfigOption = None) -> None:
         from sqlalchemy.engine import make_url
 
         from ldct_node.model.cascade import WeightsError
-        from ldct_node.node import Node
+        from ldct_node.node import ROLES, Node
+
+        if role not in ROLES:
+            raise UsageError(f"--role: expected one of {', '.join(ROLES)}, got {role!r}")
 
         # APScheduler logs every run of every duty at INFO: far too chatty for operators.
         logging.getLogger("apscheduler").setLevel(
             logging.DEBUG if _state["debug"] else logging.WARNING
         )
         settings = _settings(config)
-        node = Node(settings)
+        node = Node(settings, role=role)
 
         def ready(running: Node) -> None:
-            host, port = running.address
             db_url = make_url(settings.database_url).render_as_string(hide_password=True)
+            if running.server is not None:
+                host, port = running.address
+                what = (
+                    f"{settings.node.ae_title} listening on {host}:{port}"
+                    f"{' (TLS)' if settings.security.tls_enabled else ''}"
+                )
+            else:
+                what = f"worker {running.worker_id} ready"
+            role_note = "" if role == "all" else f" (role {role})"
             out.print(
-                f"ldct-node {__version__}: {settings.node.ae_title} listening on {host}:{port}"
-                f"{' (TLS)' if settings.security.tls_enabled else ''}; "
+                f"ldct-node {__version__}: {what}{role_note}; "
                 f"spool {settings.spool_path}; database {db_url}",
                 highlight=False,
                 soft_wrap=True,
@@ -484,6 +527,25 @@ def serve(config: ConfigOption = None) -> None:
         except WeightsError as exc:
             raise UsageError(f"model.weights_dir: {exc}") from None
         out.print("ldct-node stopped", highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create or upgrade the job database schema (Alembic); `serve` also does this at start."""
+    with _errors():
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from ldct_node.migrate import upgrade
+
+        settings = _settings(config)
+        db_url = make_url(settings.database_url).render_as_string(hide_password=True)
+        try:
+            result = upgrade(settings.database_url)
+        except SQLAlchemyError as exc:
+            detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            raise CommandFailedError(f"cannot upgrade database {db_url}: {detail}") from None
+        out.print(f"database {db_url}: {result.describe()}", highlight=False, soft_wrap=True)
 
 
 def _health(summary: Any, forwarding: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -118,6 +118,12 @@ class OutputProfile(_Section):
     blend: float = Field(0.0, ge=0.0, le=1.0)
     series_description_suffix: str = " [LDCT denoised]"
     series_number_offset: int = 1000
+    # Routing (see ldct_node.routing): where this profile's series go and which source
+    # series it applies to. Empty lists mean "all destinations" / "no restriction".
+    destinations: list[str] = Field(default_factory=list)
+    calling_aets: list[str] = Field(default_factory=list)
+    series_descriptions: list[str] = Field(default_factory=list)
+    convolution_kernels: list[str] = Field(default_factory=list)
 
     @field_validator("blend", mode="before")
     @classmethod
@@ -130,6 +136,26 @@ class OutputProfile(_Section):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
         return value
+
+    @field_validator("calling_aets")
+    @classmethod
+    def _aets(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v) for v in value]
+
+    @field_validator("destinations", "series_descriptions", "convolution_kernels")
+    @classmethod
+    def _non_blank(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() for v in value):
+            raise ValueError("entries must not be empty")
+        return value
+
+
+class MetricsSettings(_Section):
+    """Prometheus endpoint (``/metrics``), off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
 
 
 class Destination(_Section):
@@ -167,6 +193,19 @@ class ForwardSettings(_Section):
         return self.backoff_seconds[index]
 
 
+class WorkerSettings(_Section):
+    """How a worker holds its job when several processes share one database."""
+
+    # A running job (or a forward being sent) belongs to its process this long after
+    # its last heartbeat; then any other process may take it over (the owner died).
+    lease_seconds: float = Field(300, ge=1)
+
+    @field_validator("lease_seconds", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class DicomSettings(_Section):
     uid_root: str = ""
     image_comments: str = "Denoised by ldct-node; not for primary diagnosis without validation"
@@ -191,6 +230,8 @@ class Settings(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
     # Where the file lives; relative paths resolve against it. Not a TOML key.
     base_dir: str = Field(default=".", exclude=True)
@@ -206,6 +247,14 @@ class Settings(_Section):
                 raise ValueError(f"{kind}: duplicate name(s) {', '.join(dupes)}")
         if not self.outputs:
             raise ValueError("outputs: at least one [[outputs]] profile is needed")
+        known = {d.name for d in self.destinations}
+        for profile in self.outputs:
+            unknown = [n for n in profile.destinations if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"outputs: profile {profile.name!r} names destination(s) "
+                    f"{', '.join(unknown)} that no [[destinations]] entry has"
+                )
         return self
 
     # -- resolved paths -------------------------------------------------------------

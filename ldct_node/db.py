@@ -44,7 +44,15 @@ Write transactions start with ``BEGIN IMMEDIATE`` so that concurrent writers (se
 associations, the scheduler, an admin CLI in another process) queue on the lock instead
 of failing on a read-to-write upgrade; job claims are additionally guarded by
 ``UPDATE ... WHERE state = 'queued'`` and its row count, which is also what keeps them
-exclusive on PostgreSQL.
+exclusive on PostgreSQL (where the candidate is picked with ``FOR UPDATE SKIP LOCKED``).
+
+Several processes on one database (scale-out)
+    A claimed job is leased to its worker (``worker_id``, ``lease_expires_at``); the
+    worker's heartbeat extends the lease, and :meth:`Database.requeue_expired`, which
+    any process may run, re-queues jobs whose lease ran out (a dead worker's). A worker
+    finishes or fails a job only while it still holds it. A due forward is sent by
+    one process at a time: :meth:`Database.claim_forward` leases it to its sender.
+    The schema itself is managed by Alembic (:mod:`ldct_node.migrate`).
 
 All timestamps are timezone-aware UTC; functions taking ``now`` reject naive values.
 """
@@ -101,6 +109,8 @@ logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _CLAIM_TRIES = 20
+#: How long a claimed job or forward belongs to its worker without a heartbeat.
+DEFAULT_LEASE_SECONDS = 300.0
 _READ_ONLY_OPTION = "ldct_read_only"
 
 
@@ -171,6 +181,11 @@ def check_transition(from_state: str, to_state: str, job_id: int = 0, action: st
         raise TransitionError(job_id, from_state, to_state, action) from None
     if dst not in ALLOWED_TRANSITIONS[src]:
         raise TransitionError(job_id, from_state, to_state, action)
+
+
+def _holds(job: Job, worker_id: str | None) -> bool:
+    """True unless ``worker_id`` is given and the job is held by someone else."""
+    return worker_id is None or job.worker_id == worker_id
 
 
 def _now(now: datetime | None, name: str = "now") -> datetime:
@@ -270,6 +285,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The running job belongs to worker_id until then; heartbeats extend it (scale-out).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     derived_series_uid: Mapped[str | None] = mapped_column(String(64))
     output_dir: Mapped[str | None] = mapped_column(Text)
     n_instances: Mapped[int | None] = mapped_column(Integer)
@@ -299,6 +316,9 @@ class Forward(Base):
     n_sent: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The process sending it right now, until claim_expires_at (one sender at a time).
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     job: Mapped[Job] = relationship(back_populates="forwards")
 
@@ -611,6 +631,8 @@ class Database:
         fwd.next_attempt_at = now
         fwd.sent_at = None
         fwd.updated_at = now
+        fwd.claimed_by = None
+        fwd.claim_expires_at = None
 
     def _reset_forwards(self, job: Job, now: datetime, only_failed: bool = False) -> None:
         for fwd in job.forwards:
@@ -786,7 +808,7 @@ class Database:
                 .join(Series, Job.series_id == Series.id)
                 .where(Job.state == JobState.RECEIVING, Series.last_received_at <= cutoff)
                 .order_by(Series.last_received_at, Job.id)
-                .with_for_update(of=Job)
+                .with_for_update(of=Job, skip_locked=True)  # a concurrent sweep has those
             ).all()
             for job in jobs:
                 self._set_state(job, JobState.QUEUED, now)
@@ -797,14 +819,24 @@ class Database:
         return ids
 
     # -- processing ---------------------------------------------------------------------
-    def claim_next_job(self, worker_id: str, now: datetime | None = None) -> JobInfo | None:
+    def claim_next_job(
+        self,
+        worker_id: str,
+        now: datetime | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ) -> JobInfo | None:
         """Atomically take the longest-queued job: ``queued -> running``.
 
-        Safe across threads and processes: the row is updated only if it is still
-        ``queued`` and the update's row count decides who got it.
+        Safe across threads and processes: on PostgreSQL the candidate row is locked
+        with ``FOR UPDATE SKIP LOCKED`` (concurrent workers take different jobs without
+        waiting); on every backend the row is updated only if it is still ``queued``
+        and the update's row count decides who got it. The job is leased to
+        ``worker_id`` for ``lease_seconds`` (heartbeats extend it).
         """
         if not worker_id:
             raise ValueError("worker_id: must not be empty")
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: must be > 0, got {lease_seconds}")
         now = _now(now)
         for _ in range(_CLAIM_TRIES):
             with self.session() as sess:
@@ -813,6 +845,7 @@ class Database:
                     .where(Job.state == JobState.QUEUED)
                     .order_by(Job.updated_at, Job.id)
                     .limit(1)
+                    .with_for_update(skip_locked=True)  # SQLite: no-op, BEGIN IMMEDIATE
                 )
                 if candidate is None:
                     return None
@@ -824,6 +857,7 @@ class Database:
                         worker_id=worker_id,
                         started_at=now,
                         heartbeat_at=now,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
                         updated_at=now,
                         finished_at=None,
                         attempts=Job.attempts + 1,
@@ -844,9 +878,13 @@ class Database:
         return None
 
     def heartbeat(
-        self, job_id: int, worker_id: str | None = None, now: datetime | None = None
+        self,
+        job_id: int,
+        worker_id: str | None = None,
+        now: datetime | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> bool:
-        """Refresh a running job's heartbeat.
+        """Refresh a running job's heartbeat and extend its lease by ``lease_seconds``.
 
         Returns
         -------
@@ -860,7 +898,9 @@ class Database:
             if worker_id is not None:
                 stmt = stmt.where(Job.worker_id == worker_id)
             result = sess.execute(
-                stmt.values(heartbeat_at=now).execution_options(synchronize_session=False)
+                stmt.values(
+                    heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds)
+                ).execution_options(synchronize_session=False)
             )
             return getattr(result, "rowcount", 0) == 1
 
@@ -872,6 +912,7 @@ class Database:
         n_instances: int,
         destinations: Sequence[str],
         now: datetime | None = None,
+        worker_id: str | None = None,
     ) -> JobState:
         """The worker wrote the derived series: ``running -> forwarding`` (or ``done``).
 
@@ -888,7 +929,9 @@ class Database:
         Raises
         ------
         TransitionError
-            If the job is not running (e.g. cancelled meanwhile).
+            If the job is not running (e.g. cancelled meanwhile), or, with
+            ``worker_id``, no longer runs for that worker (its lease expired and
+            another worker took it over).
         """
         if not derived_series_uid:
             raise ValueError("derived_series_uid: must not be empty")
@@ -899,7 +942,7 @@ class Database:
         now = _now(now)
         with self.session() as sess:
             job = self._job_for_update(sess, job_id)
-            if job.state != JobState.RUNNING:
+            if job.state != JobState.RUNNING or not _holds(job, worker_id):
                 raise TransitionError(job_id, job.state, JobState.FORWARDING, "finish")
             same_output = (
                 job.derived_series_uid == derived_series_uid and job.n_instances == n_instances
@@ -947,8 +990,12 @@ class Database:
         logger.info("job %d: processed %d instance(s); %s", job_id, n_instances, state)
         return state
 
-    def fail_job(self, job_id: int, error: str, now: datetime | None = None) -> JobState:
+    def fail_job(
+        self, job_id: int, error: str, now: datetime | None = None, worker_id: str | None = None
+    ) -> JobState:
         """``running | forwarding -> failed`` with a reason a person can act on.
+
+        With ``worker_id``, a running job is failed only while that worker holds it.
 
         A running job whose series changed meanwhile (``rerun_requested``) goes back
         to ``receiving`` instead, keeping the error: the next run uses the new input.
@@ -963,6 +1010,8 @@ class Database:
         now = _now(now)
         with self.session() as sess:
             job = self._job_for_update(sess, job_id)
+            if job.state == JobState.RUNNING and not _holds(job, worker_id):
+                raise TransitionError(job_id, job.state, JobState.FAILED, "fail")
             if job.state == JobState.RUNNING and job.rerun_requested:
                 self._reopen(job, now)
                 job.error = error
@@ -1032,10 +1081,81 @@ class Database:
         )
         return self._requeue(stmt, now)
 
+    def requeue_expired(self, now: datetime | None = None) -> list[int]:
+        """``running -> queued`` for jobs whose lease expired (their worker died).
+
+        Any process sharing the database may call this: a live worker renews its
+        lease with every heartbeat, so only abandoned jobs are taken. Rows without a
+        lease (written by a version without leases) fall back to the heartbeat age.
+        """
+        now = _now(now)
+        legacy_cutoff = now - timedelta(seconds=DEFAULT_LEASE_SECONDS)
+        stmt = select(Job).where(
+            Job.state == JobState.RUNNING,
+            or_(
+                Job.lease_expires_at < now,
+                Job.lease_expires_at.is_(None)
+                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < legacy_cutoff),
+            ),
+        )
+        return self._requeue(stmt, now)
+
+    def requeue_owned_by(self, worker_ids: Iterable[str], now: datetime | None = None) -> list[int]:
+        """``running -> queued`` for the jobs held by the given (dead) workers."""
+        if isinstance(worker_ids, str):
+            raise TypeError("worker_ids: expected a collection of worker ids, got a str")
+        owners = sorted(set(worker_ids))
+        if not owners:
+            return []
+        stmt = select(Job).where(Job.state == JobState.RUNNING, Job.worker_id.in_(owners))
+        return self._requeue(stmt, _now(now))
+
+    def running_owners(self) -> set[str]:
+        """The worker ids holding running jobs."""
+        with self.session(read_only=True) as sess:
+            rows = sess.scalars(
+                select(Job.worker_id)
+                .where(Job.state == JobState.RUNNING, Job.worker_id.is_not(None))
+                .distinct()
+            ).all()
+        return {str(r) for r in rows}
+
+    def forward_claim_owners(self) -> set[str]:
+        """The senders holding claims on pending forwards (live or expired)."""
+        with self.session(read_only=True) as sess:
+            rows = sess.scalars(
+                select(Forward.claimed_by)
+                .where(Forward.state == ForwardState.PENDING, Forward.claimed_by.is_not(None))
+                .distinct()
+            ).all()
+        return {str(r) for r in rows}
+
+    def release_forward_claims(self, owners: Iterable[str]) -> int:
+        """Drop the forward claims of the given (dead) senders, so a send cut by a crash
+        is retried at once instead of after the claim's lease. Returns how many."""
+        if isinstance(owners, str):
+            raise TypeError("owners: expected a collection of sender ids, got a str")
+        names = sorted(set(owners))
+        if not names:
+            return 0
+        with self.session() as sess:
+            result = sess.execute(
+                update(Forward)
+                .where(Forward.claimed_by.in_(names))
+                .values(claimed_by=None, claim_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            released = int(getattr(result, "rowcount", 0) or 0)
+        if released:
+            logger.info("released %d forward claim(s) of stopped process(es)", released)
+        return released
+
     def _requeue(self, stmt: Any, now: datetime) -> list[int]:
         with self.session() as sess:
             jobs = sess.scalars(
-                stmt.options(selectinload(Job.forwards)).with_for_update().order_by(Job.id)
+                stmt.options(selectinload(Job.forwards))
+                .with_for_update(skip_locked=True)  # another process is requeuing those
+                .order_by(Job.id)
             ).all()
             for job in jobs:
                 if job.rerun_requested:
@@ -1044,6 +1164,7 @@ class Database:
                     self._set_state(job, JobState.QUEUED, now)
                 job.worker_id = None
                 job.heartbeat_at = None
+                job.lease_expires_at = None
             ids = [job.id for job in jobs]
         if ids:
             logger.info("re-queued %d interrupted job(s): %s", len(ids), ids)
@@ -1087,10 +1208,60 @@ class Database:
                     Job.state == JobState.FORWARDING,
                     Forward.state == ForwardState.PENDING,
                     or_(Forward.next_attempt_at.is_(None), Forward.next_attempt_at <= now),
+                    or_(Forward.claim_expires_at.is_(None), Forward.claim_expires_at < now),
                 )
                 .order_by(Forward.next_attempt_at, Forward.id)
             ).all()
             return [_forward_info(fwd, job) for fwd, job in rows]
+
+    def claim_forward(
+        self,
+        forward_id: int,
+        owner: str,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        now: datetime | None = None,
+    ) -> bool:
+        """Take a due forward for sending (one sender at a time across processes).
+
+        Also renews a claim ``owner`` already holds. Returns False when the forward is
+        not pending, its job is not ``forwarding``, or another sender holds a live
+        claim; :meth:`record_forward_result` releases the claim.
+        """
+        if not owner:
+            raise ValueError("owner: must not be empty")
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: must be > 0, got {lease_seconds}")
+        now = _now(now)
+        forwarding = select(Job.id).where(
+            Job.id == Forward.job_id, Job.state == JobState.FORWARDING
+        )
+        with self.session() as sess:
+            result = sess.execute(
+                update(Forward)
+                .where(
+                    Forward.id == forward_id,
+                    Forward.state == ForwardState.PENDING,
+                    forwarding.exists(),
+                    or_(
+                        Forward.claimed_by.is_(None),
+                        Forward.claimed_by == owner,
+                        Forward.claim_expires_at < now,
+                    ),
+                )
+                .values(claimed_by=owner, claim_expires_at=now + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
+            )
+            return getattr(result, "rowcount", 0) == 1
+
+    def release_forward(self, forward_id: int, owner: str) -> None:
+        """Give up a claim without booking an attempt (e.g. a send cut by shutdown)."""
+        with self.session() as sess:
+            sess.execute(
+                update(Forward)
+                .where(Forward.id == forward_id, Forward.claimed_by == owner)
+                .values(claimed_by=None, claim_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
 
     def record_forward_result(
         self,
@@ -1140,6 +1311,8 @@ class Database:
             fwd.attempts += 1
             fwd.n_sent = n_sent
             fwd.updated_at = now
+            fwd.claimed_by = None
+            fwd.claim_expires_at = None
             if ok:
                 fwd.state = ForwardState.SENT
                 fwd.sent_at = now

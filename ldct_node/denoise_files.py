@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from ldct_node.config import Settings
 from ldct_node.dicomio import InputError, processing_skip_reason, read_instance, scan_inputs
+from ldct_node.enhanced import n_frames
 from ldct_node.model.cascade import Cascade
 from ldct_node.worker import denoise_series
 
@@ -100,7 +101,8 @@ def run_denoise(
     if blend is not None:
         profile = profile.model_copy(update={"blend": blend})
     output.mkdir(parents=True, exist_ok=True)
-    total = sum(len(group.paths) for group in scan.series)
+    # Progress counts slices: the frames of a multi-frame (Enhanced CT) instance each count.
+    total = sum(n_frames(header) for group in scan.series for _, header in group.instances)
     bar = progress_factory() if progress_factory is not None else None
     task = bar.add_task("denoising", total=total) if bar is not None else None
 
@@ -121,7 +123,7 @@ def run_denoise(
                         datasets.append(read_instance(path))
                     else:
                         outcome.skipped.append(f"{path.name}: {reason}")
-                        advance(1)
+                        advance(n_frames(header))
                 if not datasets:  # a group is never empty, so something was skipped
                     raise InputError(f"nothing to denoise: {outcome.skipped[0]}")
                 outcome.n_instances = len(datasets)

@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -39,6 +40,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 from ldct_node import __version__
 from ldct_node.config import DicomSettings, OutputProfile
 from ldct_node.dicomio import NODE_NAME, encode_like, file_meta_for, save_durably, stored_range
+from ldct_node.enhanced import derived_type, encode_frames_like, is_multiframe, mark_frames_derived
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +133,22 @@ def _dropped(tag: BaseTag) -> bool:
     group = tag.group
     return (
         tag.is_private
+        or group in (0x0000, 0x0002)  # command / file meta elements never belong in a body
         or tag.element == 0  # group lengths: retired, recomputed by nobody
         or int(tag) in _DROP_TAGS
         or 0x6000 <= group <= 0x60FF  # overlays
         or 0x5000 <= group <= 0x50FF  # curves (retired)
     )
+
+
+def _wrong_vr(elem: DataElement) -> bool:
+    """True for a public element whose VR contradicts the data dictionary (a corrupt or
+    mis-encoded header): copied over it would make the derived file unwritable."""
+    try:
+        expected = dictionary_VR(elem.tag)
+    except KeyError:
+        return False  # not in the dictionary (or private): nothing to check against
+    return elem.VR not in (expected, *expected.split(" or "))
 
 
 def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
@@ -146,7 +159,7 @@ def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
         # Inside sequence items only private tags and group lengths go; the rest of the
         # drop list is about this image's own pixels and identity.
         drop = _dropped(elem.tag) if top_level else elem.tag.is_private or elem.tag.element == 0
-        if drop:
+        if drop or _wrong_vr(elem):
             continue
         if elem.VR == "SQ":
             items = [_copy_public(item, top_level=False) for item in elem.value]
@@ -274,7 +287,8 @@ def derive_instance(
         The source instance; pixel data is needed only to preserve pixel padding. It is
         not modified.
     denoised_hu
-        Final HU image (after blending), shape (Rows, Columns) of the source.
+        Final HU image (after blending), shape (Rows, Columns) of the source; for a
+        multi-frame (Enhanced CT) source (NumberOfFrames, Rows, Columns).
     profile
         The output profile: series number offset, description suffix, blend, name.
     model_version
@@ -294,7 +308,7 @@ def derive_instance(
     Raises
     ------
     ValueError
-        The source lacks a UID needed for the derived UIDs, is multi-frame, or the image
+        The source lacks a UID needed for the derived UIDs, or the image
         does not match the source size or is not finite.
     """
     if not isinstance(source, Dataset):
@@ -302,14 +316,17 @@ def derive_instance(
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
         if not source.get(keyword):
             raise ValueError(f"source: missing {keyword}")
-    if int(source.get("NumberOfFrames") or 1) > 1:
-        raise ValueError("source: multi-frame instances are not supported yet")
+    # Enhanced CT: frame by frame, written back as one Enhanced CT (see ldct_node.enhanced).
+    multiframe = is_multiframe(source)
     if not model_version:
         raise ValueError("model_version: must not be empty")
     when = now or datetime.now()
     date, time, stamp = _dt_strings(when)
 
-    stored = encode_like(denoised_hu, source)  # validates shape and finiteness
+    # Both validate shape and finiteness.
+    stored = (
+        encode_frames_like(denoised_hu, source) if multiframe else encode_like(denoised_hu, source)
+    )
     out = _copy_public(source)
     stored = _keep_padding(stored, source, out)
 
@@ -328,7 +345,9 @@ def derive_instance(
 
     # ImageType: DERIVED\SECONDARY, later values (AXIAL, vendor values) kept.
     image_type = _as_list(source.get("ImageType"))
-    out.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
+    out.ImageType = (
+        derived_type(image_type) if multiframe else ["DERIVED", "SECONDARY", *image_type[2:]]
+    )
 
     source_number = source.get("SeriesNumber")
     base_number = int(source_number) if source_number not in (None, "") else 0
@@ -343,14 +362,26 @@ def derive_instance(
     previous = str(source.get("DerivationDescription", "") or "")
     if previous:
         description += f"; source derivation: {previous}"
-    out.DerivationDescription = _fit(description, _ST_MAX)
-    out.DerivationCodeSequence = Sequence([_code_item(CODE_SMOOTHING)])
-
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(CODE_SOURCE_IMAGE)])
-    out.SourceImageSequence = Sequence([reference])
+    if multiframe:
+        # Enhanced CT keeps derivation per frame (Derivation Image functional group).
+        for keyword in ("DerivationDescription", "DerivationCodeSequence"):
+            if keyword in out:
+                delattr(out, keyword)
+        mark_frames_derived(
+            out,
+            source,
+            description=_fit(description, _ST_MAX),
+            derivation_code=_code_item(CODE_SMOOTHING),
+            purpose_code=_code_item(CODE_SOURCE_IMAGE),
+        )
+    else:
+        out.DerivationDescription = _fit(description, _ST_MAX)
+        out.DerivationCodeSequence = Sequence([_code_item(CODE_SMOOTHING)])
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        reference.PurposeOfReferenceCodeSequence = Sequence([_code_item(CODE_SOURCE_IMAGE)])
+        out.SourceImageSequence = Sequence([reference])
 
     related = Dataset()
     related.StudyInstanceUID = source.get("StudyInstanceUID", "")
@@ -388,9 +419,10 @@ def derive_instance(
     _charset_for_new_text(out)
     # CT requires the rescale (type 1); where the source lacked it, encode_like used the
     # same defaults as decode_hu, so writing them keeps the HU meaning explicit.
-    if "RescaleSlope" not in out:
+    # (Enhanced CT carries its rescale per frame, in Pixel Value Transformation groups.)
+    if "RescaleSlope" not in out and not multiframe:
         out.RescaleSlope = 1
-    if "RescaleIntercept" not in out:
+    if "RescaleIntercept" not in out and not multiframe:
         out.RescaleIntercept = 0
 
     # Pixels: native little endian with the source's pixel format.

@@ -31,6 +31,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -53,6 +54,9 @@ NODE_NAME = "ldct-node"
 # air (-1000 HU) is stored near 0 and the whole int16 range maps to usable HU.
 _WRITE_INTERCEPT = -1024.0
 _WRITE_SLOPE = 1.0
+#: Largest slice decoded (4096 x 4096): bounds the memory a hostile or broken header
+#: (say Rows = Columns = 65535) can make the decoder allocate before it fails.
+MAX_SLICE_PIXELS = 4096 * 4096
 
 
 class InputError(ValueError):
@@ -354,10 +358,23 @@ def decode_hu(ds: Dataset) -> np.ndarray:
     ------
     InputError
         No pixel data, multi-frame or colour data, pixel data that cannot be decoded
-        (corrupt, truncated, unsupported compression) or that does not match Rows/Columns.
+        (corrupt, truncated, unsupported compression) or that does not match Rows/Columns,
+        or image attributes with unusable values (e.g. sent with a wrong VR).
     """
+    try:
+        return _decode_hu(ds)
+    except InputError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, KeyError) as exc:
+        raise InputError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: unusable image attributes "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _decode_hu(ds: Dataset) -> np.ndarray:
     uid = ds.get("SOPInstanceUID", "?")
-    if "PixelData" not in ds:
+    if "PixelData" not in ds or not ds.PixelData:  # absent, or present and empty
         raise InputError(f"instance {uid} has no pixel data")
     if _n_frames(ds) > 1:
         raise InputError(
@@ -370,6 +387,11 @@ def decode_hu(ds: Dataset) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InputError(f"instance {uid}: missing or invalid Rows/Columns") from exc
+    if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
+        raise InputError(
+            f"instance {uid}: {rows}x{cols} pixels is not a CT slice this node takes "
+            f"(1 to {MAX_SLICE_PIXELS} pixels)"
+        )
     syntax = _ensure_transfer_syntax(ds)
     if not syntax.is_encapsulated:
         # pydicom tolerates excess native pixel data (it warns and trims); a header that
@@ -382,7 +404,12 @@ def decode_hu(ds: Dataset) -> np.ndarray:
             )
     try:
         stored = ds.pixel_array
-    except Exception as exc:  # decoders raise many types (ValueError, RuntimeError, ...)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # Decoders raise many types (ValueError, RuntimeError, ...); the Rust-based
+        # pylibjpeg-rle even a BaseException (pyo3's PanicException) on some corrupt
+        # frames, which would otherwise kill the worker thread.
         raise InputError(
             f"instance {uid}: cannot decode pixel data ({syntax.name}): {exc}"
         ) from exc
@@ -392,8 +419,13 @@ def decode_hu(ds: Dataset) -> np.ndarray:
             f"expected ({rows}, {cols})"
         )
     slope, intercept = rescale_of(ds)
-    hu = stored.astype(np.float64) * slope + intercept
-    return hu.astype(np.float32)
+    hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    if not np.all(np.isfinite(hu)):  # e.g. RescaleSlope 1e308
+        raise InputError(
+            f"instance {uid}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give "
+            "HU values out of range"
+        )
+    return hu
 
 
 def encode_like(hu: np.ndarray, source: Dataset) -> np.ndarray:
@@ -733,7 +765,10 @@ def is_own_output(ds: Dataset) -> bool:
     Series written by :func:`write_ct_series` (e.g. simulated low-dose data) are not own
     output: they are originals and may be denoised.
     """
-    for item in ds.get("ContributingEquipmentSequence", None) or []:
+    items = ds.get("ContributingEquipmentSequence", None)
+    for item in items if isinstance(items, DicomSequence) else []:  # wrong VR: no items
+        if not isinstance(item, Dataset):
+            continue
         if _names_node(item.get("Manufacturer")) or _names_node(item.get("SoftwareVersions")):
             return True
     return _names_node(ds.get("SoftwareVersions")) or _names_node(ds.get("DerivationDescription"))
@@ -762,7 +797,10 @@ def processing_skip_reason(ds: Dataset, series_settings: SeriesSettings) -> str 
     elif isinstance(raw_type, str):
         image_type = [raw_type]
     else:
-        image_type = [str(v) for v in raw_type]
+        try:
+            image_type = [str(v) for v in raw_type]
+        except TypeError:  # a single number: ImageType sent with a wrong VR
+            image_type = [str(raw_type)]
     image_type = [v.strip().upper() for v in image_type]
     skip = {s.strip().upper() for s in series_settings.skip_image_types}
     hits = [v for v in image_type if v in skip]

@@ -33,8 +33,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from ldct_node import monitoring
 from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
 from ldct_node.db import Database, ForwardInfo, JobState
+from ldct_node.worker import default_worker_id
 
 logger = logging.getLogger(__name__)
 
@@ -277,12 +279,22 @@ class Forwarder:
     """Sends the due forwards of the job table; one instance per node process.
 
     :meth:`run_due` is called by the scheduler (periodically and when the worker has
-    finished a job); concurrent calls return at once while one is sending.
+    finished a job); concurrent calls return at once while one is sending. Several
+    processes may share the job table: each forward is claimed
+    (:meth:`~ldct_node.db.Database.claim_forward`) before it is sent, and the claim is
+    renewed while sending, so a series is never sent by two processes at once.
+
+    Parameters
+    ----------
+    owner
+        Names this process in the forward's claim (default ``host:pid``).
     """
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, *, owner: str | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.owner = owner or default_worker_id()
+        self.lease_seconds = settings.worker.lease_seconds
         self._busy = threading.Lock()
         self._stop = threading.Event()
 
@@ -314,6 +326,8 @@ class Forwarder:
                     if self._stop.is_set():
                         break
                     tried.add(fwd.id)
+                    if not self.db.claim_forward(fwd.id, self.owner, self.lease_seconds):
+                        continue  # another process is sending it
                     self.forward(fwd)
             return len(tried)
         finally:
@@ -358,18 +372,34 @@ class Forwarder:
                 ),
                 max_attempts=fwd.attempts + 1,
             )
+        lost = threading.Event()
+        renew_every = self.lease_seconds / 4
+        last_renewal = time.monotonic()
+
+        def should_stop() -> bool:
+            # Keep the claim while sending a long series; stop if it was taken away.
+            nonlocal last_renewal
+            if time.monotonic() - last_renewal >= renew_every:
+                last_renewal = time.monotonic()
+                if not self.db.claim_forward(fwd.id, self.owner, self.lease_seconds):
+                    lost.set()
+            return self._stop.is_set() or lost.is_set()
+
         result = send_series(
             paths,
             dest,
             calling_ae_title=self.settings.node.ae_title,
-            should_stop=self._stop.is_set,
+            should_stop=should_stop,
         )
         if result.interrupted:
+            why = "its claim was lost" if lost.is_set() else "shutdown"
             logger.info(
-                "job %d: forward to %s interrupted by shutdown; it stays pending",
+                "job %d: forward to %s interrupted by %s; it stays pending",
                 fwd.job_id,
                 fwd.destination,
+                why,
             )
+            self.db.release_forward(fwd.id, self.owner)
             return None
         return self._book(fwd, result, max_attempts=max_attempts)
 
@@ -404,7 +434,7 @@ class Forwarder:
                 delay,
                 result.error,
             )
-        return self.db.record_forward_result(
+        state = self.db.record_forward_result(
             fwd.job_id,
             fwd.destination,
             ok=result.ok,
@@ -414,3 +444,23 @@ class Forwarder:
             next_attempt_at=None if result.ok else now + timedelta(seconds=delay),
             now=now,
         )
+        _count(fwd, result, state, self.db, now)
+        return state
+
+
+def _count(
+    fwd: ForwardInfo, result: SendResult, state: JobState, db: Database, now: datetime
+) -> None:
+    """Update the Prometheus metrics after one booked forward attempt."""
+    if result.ok:
+        monitoring.SERIES_FORWARDED.labels(fwd.destination).inc()
+        monitoring.INSTANCES_FORWARDED.labels(fwd.destination).inc(result.n_sent)
+    else:
+        monitoring.FORWARD_ERRORS.labels(fwd.destination).inc()
+    if state == JobState.FAILED:
+        monitoring.JOBS_FAILED.labels("forwarding").inc()
+    elif state == JobState.DONE:
+        job = db.get_job(fwd.job_id)
+        if job.started_at is not None:
+            seconds = max((now - job.started_at).total_seconds(), 0.0)
+            monitoring.JOB_LATENCY_SECONDS.labels(job.profile).observe(seconds)

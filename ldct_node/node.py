@@ -1,12 +1,22 @@
 """The node process: receiver + scheduler + worker + forwarder (``ldct-node serve``).
 
-Start-up order (each step is safe to repeat after a crash):
+Roles (``serve --role``): ``all`` runs everything in one process; ``receiver`` runs the
+C-STORE/C-ECHO receiver with the stability sweep and the retention purge; ``worker``
+runs the job loop (claim, denoise, forward) with forward retries. Any number of each
+may share one database (PostgreSQL for several hosts) and one spool; every role also
+re-queues jobs whose worker's lease expired.
 
-1. open the database and create missing tables;
-2. re-queue jobs left ``running`` by a previous process (``requeue_running``);
-3. remove half-written temporary files from the spool (``clean_tmp``);
-4. load the cascade once (``model.*``, weights from ``model.weights_dir``);
-5. start the C-STORE/C-ECHO receiver, the scheduler and the worker thread.
+Start-up order (each step is safe to repeat after a crash, and while other processes
+use the same database):
+
+1. bring the schema up to date (Alembic, :func:`ldct_node.migrate.upgrade`);
+2. re-queue jobs whose worker is gone: leases that expired, and jobs held by a
+   process of this host that no longer exists (the previous run of this node);
+3. remove half-written temporary files from the spool (``clean_tmp``; when the spool
+   may be shared, only files older than an hour, so as not to cut others' writes);
+4. worker roles: load the cascade once (``model.*``, weights from ``model.weights_dir``);
+5. start the C-STORE/C-ECHO receiver, the metrics endpoint (``[metrics] enabled``),
+   the scheduler and the worker thread, per role.
 
 Shutdown (SIGTERM or SIGINT, or :meth:`Node.request_stop`): stop accepting
 associations (running ones get a few seconds to finish), tell the worker to stop (a
@@ -29,11 +39,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ldct_node.config import Settings
 from ldct_node.db import Database, open_database
 from ldct_node.forward import Forwarder
+from ldct_node.migrate import UpgradeResult, upgrade
 from ldct_node.model.cascade import Cascade
+from ldct_node.monitoring import MetricsServer, start_metrics_server
 from ldct_node.receive import start_receiver, stop_receiver
-from ldct_node.scheduler import NodeScheduler
+from ldct_node.scheduler import DUTIES, NodeScheduler
 from ldct_node.spool import Spool
-from ldct_node.worker import Worker
+from ldct_node.worker import Worker, default_worker_id, is_dead_local_worker
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +53,14 @@ logger = logging.getLogger(__name__)
 RECEIVER_STOP_TIMEOUT_S = 10.0
 #: Seconds to wait for the worker to reach a batch boundary at shutdown.
 WORKER_STOP_TIMEOUT_S = 120.0
+#: What each ``serve --role`` runs: (receiver, worker, scheduler duties).
+ROLES: dict[str, tuple[bool, bool, tuple[str, ...]]] = {
+    "all": (True, True, DUTIES),
+    "receiver": (True, False, ("stability", "purge", "stale")),
+    "worker": (False, True, ("forward", "stale")),
+}
+#: Temporary spool files younger than this may belong to another live process.
+SHARED_TMP_GRACE_S = 3600.0
 
 
 class NodeStartError(RuntimeError):
@@ -56,11 +76,20 @@ class Node:
         The validated configuration.
     cascade
         Already loaded networks (tests); default: loaded from ``settings.model`` at
-        :meth:`start`.
+        :meth:`start` (worker roles only).
+    role
+        ``all``, ``receiver`` or ``worker`` (see :data:`ROLES`).
     """
 
-    def __init__(self, settings: Settings, *, cascade: Cascade | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, cascade: Cascade | None = None, role: str = "all"
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
         self.settings = settings
+        self.role = role
+        self.worker_id = default_worker_id()
+        self.migration: UpgradeResult | None = None
         self.cascade = cascade
         self.db: Database | None = None
         self.spool: Spool | None = None
@@ -68,6 +97,7 @@ class Node:
         self.forwarder: Forwarder | None = None
         self.scheduler: NodeScheduler | None = None
         self.server: ThreadedAssociationServer | None = None
+        self.metrics: MetricsServer | None = None
         self._worker_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = False
@@ -91,43 +121,75 @@ class Node:
             When the port cannot be bound.
         """
         settings = self.settings
-        self.db = open_database(settings)
+        receives, works, duties = ROLES[self.role]
+        self.db = open_database(settings, create=False)
+        self.migration = upgrade(self.db)
         self.spool = Spool(settings.spool_path)
-        self.db.requeue_running()  # jobs a previous process left running (it logs them)
-        self.spool.clean_tmp()
-        if self.cascade is None:
+        # Jobs and forward claims of dead processes (logged); live ones keep theirs.
+        owners = self.db.running_owners() | self.db.forward_claim_owners()
+        dead = {w for w in owners if is_dead_local_worker(w)}
+        self.db.requeue_owned_by(dead)
+        self.db.release_forward_claims(dead)
+        self.db.requeue_expired()
+        alone = self.role == "all" and self.db.engine.dialect.name == "sqlite"
+        self.spool.clean_tmp(older_than_seconds=0.0 if alone else SHARED_TMP_GRACE_S)
+        if self.cascade is None and works:
             self.cascade = Cascade.load(
                 settings.weights_path,
                 batch_size=settings.model.batch_size,
                 device=settings.model.device,
                 precision=settings.model.precision,
             )
-        self.forwarder = Forwarder(settings, self.db)
-        self.worker = Worker(settings, self.db, self.spool, self.cascade)
-        self.scheduler = NodeScheduler(
-            settings, self.db, self.spool, self.forwarder, on_queued=self.worker.wake
-        )
-        self.worker.on_forwarding = self.scheduler.wake_forward
-        try:
-            try:
-                self.server = start_receiver(settings, self.db, self.spool)
-            except OSError as exc:
-                where = f"{settings.node.host}:{settings.node.port}"
-                raise NodeStartError(
-                    f"cannot listen on {where}: {exc.strerror or exc} (node.host / node.port)"
-                ) from exc
-            self.scheduler.start()
-            self._worker_thread = threading.Thread(
-                target=self.worker.run_forever, name="worker", daemon=True
+            self.cascade.warm_up()
+        self.forwarder = Forwarder(settings, self.db, owner=self.worker_id)
+        if works and self.cascade is not None:
+            self.worker = Worker(
+                settings, self.db, self.spool, self.cascade, worker_id=self.worker_id
             )
-            self._worker_thread.start()
+        self.scheduler = NodeScheduler(
+            settings,
+            self.db,
+            self.spool,
+            self.forwarder,
+            on_queued=self.worker.wake if self.worker is not None else None,
+            duties=duties,
+        )
+        if self.worker is not None:
+            self.worker.on_forwarding = self.scheduler.wake_forward
+        try:
+            if receives:
+                try:
+                    self.server = start_receiver(settings, self.db, self.spool)
+                except OSError as exc:
+                    where = f"{settings.node.host}:{settings.node.port}"
+                    raise NodeStartError(
+                        f"cannot listen on {where}: {exc.strerror or exc} (node.host / node.port)"
+                    ) from exc
+            if settings.metrics.enabled:
+                try:
+                    self.metrics = start_metrics_server(settings, self.db)
+                except OSError as exc:
+                    where = f"{settings.metrics.host}:{settings.metrics.port}"
+                    raise NodeStartError(
+                        f"cannot serve metrics on {where}: {exc.strerror or exc} "
+                        "(metrics.host / metrics.port)"
+                    ) from exc
+            self.scheduler.start()
+            if self.worker is not None:
+                self._worker_thread = threading.Thread(
+                    target=self.worker.run_forever, name="worker", daemon=True
+                )
+                self._worker_thread.start()
         except BaseException:
             self.stop()
             raise
         logger.info(
-            "node %s ready: model %s, %d output profile(s), %d destination(s)",
+            "node %s ready (role %s, worker id %s): model %s, %d output profile(s), "
+            "%d destination(s)",
             settings.node.ae_title,
-            self.cascade.model_version,
+            self.role,
+            self.worker_id,
+            self.cascade.model_version if self.cascade is not None else "not loaded",
             len(settings.outputs),
             len(settings.destinations),
         )
@@ -162,6 +224,8 @@ class Node:
                 )
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.db is not None:
             self.db.close()
         logger.info("stopped")

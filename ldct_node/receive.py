@@ -14,7 +14,10 @@ The bytes are stored exactly as received (file meta built from the negotiated
 presentation context + the dataset bytes), whatever the transfer syntax; decoding
 happens in the worker. Instances that are not to be processed (localizers, derived or
 our own output, see :func:`ldct_node.dicomio.processing_skip_reason`) are stored with
-their skip reason and create no job. SOP classes not in ``series.accept_sop_classes``
+their skip reason and create no job; so are those of a series that no ``[[outputs]]``
+profile applies to (:mod:`ldct_node.routing`: calling AE, SeriesDescription and
+ConvolutionKernel filters), logged once per series by UID and sender. Jobs are created
+only for the profiles that apply. SOP classes not in ``series.accept_sop_classes``
 are not negotiated, so the association rejects their presentation contexts.
 
 Access control: ``security.allowed_calling_aets`` (A-ASSOCIATE-RJ permanent, service
@@ -47,6 +50,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ldct_node.config import SecuritySettings, Settings
 from ldct_node.db import Database, ReceivedInstance
 from ldct_node.dicomio import processing_skip_reason
+from ldct_node.monitoring import INSTANCES_RECEIVED
+from ldct_node.routing import matching_profiles
 from ldct_node.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -65,6 +70,9 @@ INTERNAL_ERROR = 0xC211
 MISSING_UIDS = 0xC212
 #: Error: the dataset's SOPInstanceUID differs from the request's Affected SOP Instance UID.
 SOP_INSTANCE_MISMATCH = 0xC213
+
+#: Skip reason of instances whose series no ``[[outputs]]`` profile applies to.
+NO_MATCHING_PROFILE = "no output profile applies (routing filters)"
 
 # -- A-ASSOCIATE-RJ parameters -------------------------------------------------------------
 REJECTED_PERMANENT = 0x01
@@ -114,10 +122,21 @@ class ReceiverContext:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _unrouted: dict[str, None] = field(default_factory=dict)
 
     @property
     def profiles(self) -> list[str]:
         return [profile.name for profile in self.settings.outputs]
+
+    def first_unrouted(self, series_uid: str) -> bool:
+        """True the first time (in a while) ``series_uid`` matched no output profile."""
+        with self._lock:
+            if series_uid in self._unrouted:
+                return False
+            self._unrouted[series_uid] = None
+            while len(self._unrouted) > 1000:  # bounded: forget the oldest
+                del self._unrouted[next(iter(self._unrouted))]
+            return True
 
     def stats(self, assoc: Any) -> AssociationStats:
         with self._lock:
@@ -143,9 +162,14 @@ class _RefusedError(Exception):
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip(" \x00")
-    if not value or len(value) > 64:
-        raise _RefusedError(MISSING_UIDS, f"{keyword} missing or longer than 64 characters")
+    raw = ds.get(keyword, "")
+    value = raw.strip(" \x00") if isinstance(raw, str) else ""
+    # Lenient on form (old devices write leading zeros), strict on what it is: a string
+    # of digits and dots (not a number or text sent with a wrong VR), at most 64 long.
+    if not value or len(value) > 64 or value.strip("0123456789."):
+        raise _RefusedError(
+            MISSING_UIDS, f"{keyword} missing, not a UID or longer than 64 characters"
+        )
     return value
 
 
@@ -214,6 +238,7 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         status, outcome = _store(event, ctx)
     except _RefusedError as exc:
         stats.refused += 1
+        INSTANCES_RECEIVED.labels("refused").inc()
         logger.warning(
             "C-STORE from %s refused with 0x%04X: %s",
             _peer(event.assoc),
@@ -223,6 +248,7 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         return exc.status
     except Exception as exc:  # never let a handler failure take the server down
         stats.failed += 1
+        INSTANCES_RECEIVED.labels("error").inc()
         logger.error(
             "C-STORE from %s failed (%s); answered 0x%04X",
             _peer(event.assoc),
@@ -237,7 +263,11 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         stats.stored += 1
         if outcome == "skipped":
             stats.skipped += 1
+    INSTANCES_RECEIVED.labels(_OUTCOME_LABELS[outcome]).inc()
     return status
+
+
+_OUTCOME_LABELS = {"stored": "stored", "skipped": "not_processed", "duplicate": "duplicate"}
 
 
 def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
@@ -265,6 +295,19 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
         return SUCCESS, "duplicate"
 
     skip_reason = processing_skip_reason(ds, ctx.settings.series)
+    calling_aet = str(event.assoc.requestor.ae_title).strip()
+    profiles = ctx.profiles
+    if skip_reason is None:
+        profiles = [p.name for p in matching_profiles(ds, calling_aet, ctx.settings.outputs)]
+        if not profiles:
+            skip_reason = NO_MATCHING_PROFILE
+            if ctx.first_unrouted(series_uid):
+                logger.info(
+                    "series %s from %s matches no output profile (calling AE, "
+                    "SeriesDescription or ConvolutionKernel filters): stored, not processed",
+                    series_uid,
+                    calling_aet or "?",
+                )
     path = ctx.spool.store_bytes(data, sop_instance_uid=sop_uid, series_instance_uid=series_uid)
     record = ReceivedInstance(
         sop_instance_uid=sop_uid,
@@ -273,14 +316,14 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
         sop_class_uid=sop_class,
         transfer_syntax_uid=str(event.context.transfer_syntax),
         path=path,
-        calling_aet=str(event.assoc.requestor.ae_title).strip(),
+        calling_aet=calling_aet,
         modality=(str(ds.get("Modality", "") or "").strip() or None),
         instance_number=_optional_int(ds, "InstanceNumber"),
         z_position=slice_position(ds),
         skip_reason=skip_reason,
         size_bytes=len(data),
     )
-    if not ctx.db.record_instance(record, ctx.profiles):
+    if not ctx.db.record_instance(record, profiles):
         # Lost a race with a concurrent copy of the same instance: the first one wins,
         # and a copy filed under another series must not linger unreferenced.
         known = ctx.db.instance_path(sop_uid)

@@ -9,13 +9,20 @@ job                what                                        when
                    retries after ``forward.backoff_seconds``)  and on :meth:`wake_forward`
 ``purge``          delete spooled source + derived files of    at start, then daily
                    done jobs older than ``retention_days``
-``stale``          re-queue running jobs whose heartbeat       every minute
-                   stopped (a worker process that died)
+``stale``          re-queue running jobs whose lease expired   every min(1 min, lease/2)
+                   (``worker.lease_seconds`` without a
+                   heartbeat: a worker process that died)
 =================  ==========================================  ==============================
 
 Every duty runs in the scheduler's thread pool, guarded by a non-blocking lock: a
 duty that is still busy when it is due again (a slow forward, say) is skipped quietly
 instead of piling up. Errors are logged and the duty runs again at its next time.
+
+With several processes on one database (``serve --role``) each runs a subset of the
+duties, and any duty may run in several processes at once: the stability sweep and the
+stale re-queue lock the rows they change (``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
+the write lock on SQLite), a forward is claimed by one sender at a time, and a purge
+deletes only files of finished series and tolerates files already gone.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from ldct_node.config import Settings
 from ldct_node.db import Database
 from ldct_node.forward import Forwarder
 from ldct_node.spool import Spool
-from ldct_node.worker import STALE_AFTER_SECONDS
 
 logger = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 24 * 3600.0
+#: Every periodic duty, in start order.
+DUTIES = ("stability", "forward", "purge", "stale")
 STALE_CHECK_INTERVAL_S = 60.0
 MIN_INTERVAL_S = 0.2
 
@@ -114,6 +122,9 @@ class NodeScheduler:
         Sends due forwards.
     on_queued
         Called after the stability sweep queued jobs (e.g. to wake the worker).
+    duties
+        The duties this process runs (default: all of :data:`DUTIES`). Every duty is
+        safe to run in several processes sharing one database at once.
     """
 
     def __init__(
@@ -124,7 +135,12 @@ class NodeScheduler:
         forwarder: Forwarder,
         *,
         on_queued: Callable[[], None] | None = None,
+        duties: tuple[str, ...] = DUTIES,
     ) -> None:
+        unknown = sorted(set(duties) - set(DUTIES))
+        if unknown:
+            raise ValueError(f"duties: unknown {', '.join(unknown)} (known: {', '.join(DUTIES)})")
+        self.duties = duties
         self.settings = settings
         self.db = db
         self.spool = spool
@@ -155,10 +171,15 @@ class NodeScheduler:
 
     def start(self) -> None:
         """Start the background threads; every duty runs once right away."""
-        self._add("stability", self.sweep_stable, stability_interval(self._stable_seconds))
-        self._add("forward", self.forwarder.run_due, forward_interval(self._backoff))
-        self._add("purge", self.purge, PURGE_INTERVAL_S)
-        self._add("stale", self.requeue_stale, STALE_CHECK_INTERVAL_S)
+        lease = self.settings.worker.lease_seconds
+        every = {
+            "stability": (self.sweep_stable, stability_interval(self._stable_seconds)),
+            "forward": (self.forwarder.run_due, forward_interval(self._backoff)),
+            "purge": (self.purge, PURGE_INTERVAL_S),
+            "stale": (self.requeue_stale, min(STALE_CHECK_INTERVAL_S, max(lease / 2, 0.5))),
+        }
+        for name in self.duties:
+            self._add(name, *every[name])
         self._scheduler.start()
         logger.debug("scheduler started")
 
@@ -170,7 +191,7 @@ class NodeScheduler:
 
     def wake_forward(self) -> None:
         """Run the forward duty now (e.g. a job just reached ``forwarding``)."""
-        if self._scheduler.running:
+        if self._scheduler.running and "forward" in self.duties:
             self._scheduler.modify_job("forward", next_run_time=datetime.now(UTC))
 
     @property
@@ -203,12 +224,13 @@ class NodeScheduler:
         return purge_expired(self.db, self.spool, self.settings.storage.retention_days)
 
     def requeue_stale(self) -> list[int]:
-        """``running -> queued`` for jobs whose worker stopped sending heartbeats."""
-        ids = self.db.requeue_stale(STALE_AFTER_SECONDS)
+        """``running -> queued`` for jobs whose worker's lease expired (it died)."""
+        ids = self.db.requeue_expired()
         for job_id in ids:
             logger.warning(
-                "job %d: no heartbeat for %g s (its worker died?); queued again",
+                "job %d: its worker's lease expired (no heartbeat for %g s: the worker "
+                "died?); queued again",
                 job_id,
-                STALE_AFTER_SECONDS,
+                self.settings.worker.lease_seconds,
             )
         return ids

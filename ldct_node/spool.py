@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -224,17 +225,28 @@ class Spool:
         return self.free_bytes() - needed_bytes >= min_free_gb * BYTES_PER_GB
 
     # -- cleanup ------------------------------------------------------------------------
-    def clean_tmp(self) -> int:
+    def clean_tmp(self, older_than_seconds: float = 0.0) -> int:
         """Delete every leftover temporary file (call at startup, before receiving).
+
+        Parameters
+        ----------
+        older_than_seconds
+            Only entries last modified longer ago than this: when other processes
+            share the spool, younger ones may still be being written.
 
         Returns
         -------
         int
             The number of entries removed.
         """
+        if older_than_seconds < 0:
+            raise ValueError(f"older_than_seconds: must be >= 0, got {older_than_seconds}")
+        cutoff = time.time() - older_than_seconds
         removed = 0
         for entry in self.tmp.iterdir():
             try:
+                if older_than_seconds and entry.lstat().st_mtime > cutoff:
+                    continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:

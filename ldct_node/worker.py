@@ -6,28 +6,35 @@ profile, written durably.
 
 :class:`Worker` is the node's job loop around it: it claims queued jobs, runs the
 cascade once per claim for the job's output profile, writes the derived series into
-the spool and hands it on for forwarding. Between batches it checks for a shutdown
+the spool and hands it on for forwarding to the profile's destinations. Jobs of
+several profiles of one series share one cascade run. Between batches it checks for a shutdown
 (the job goes back to ``queued``) and for a cancellation (noticed by the heartbeat).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from ldct_node import monitoring
 from ldct_node.config import DicomSettings, OutputProfile, Settings
 from ldct_node.db import Database, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
 from ldct_node.dicomio import InputError, decode_hu, read_instance
+from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.routing import destinations_for
 from ldct_node.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,205 @@ class DerivedSeries:
     paths: list[Path]
 
 
+@dataclass(frozen=True)
+class CascadeOutput:
+    """Per source instance, the input HU and the cascade's output (before blending).
+
+    Arrays are (Rows, Columns) for single-frame instances and (Frames, Rows, Columns)
+    for multi-frame (Enhanced CT) ones. One output serves every profile: profiles
+    differ only in the blend and the series identity.
+    """
+
+    hu: list[np.ndarray]
+    denoised: list[np.ndarray]
+
+
+def decode_instance_hu(ds: Dataset) -> np.ndarray:
+    """HU of one instance: (Rows, Columns), or (Frames, Rows, Columns) if multi-frame."""
+    return decode_frames_hu(ds) if is_multiframe(ds) else decode_hu(ds)
+
+
+def run_cascade(
+    datasets: Sequence[Dataset],
+    cascade: Cascade,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_instance: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+) -> CascadeOutput:
+    """Decode every instance (every frame) and run the cascade over all of them.
+
+    A thread decodes ahead of the model, so decoding overlaps with compute (the model
+    releases the GIL). ``on_instance(index, hu, denoised)`` is called as soon as every
+    frame of an instance is denoised, so its derived file can be written while the next
+    batch runs (see :class:`DerivedWriter`).
+
+    Raises
+    ------
+    ldct_node.dicomio.InputError
+        When an instance cannot be decoded.
+    """
+    if not datasets:
+        raise ValueError("datasets is empty: a series needs at least one instance")
+    # Slices of one series nearly always share one size; batch per size when they do not.
+    # Grouping uses the headers, so decoding need not wait for the grouping.
+    by_shape: dict[object, list[int]] = {}
+    for i, ds in enumerate(datasets):
+        by_shape.setdefault((ds.get("Rows"), ds.get("Columns")), []).append(i)
+    order = [i for indices in by_shape.values() for i in indices]
+    hu: list[np.ndarray] = [np.empty(0, np.float32)] * len(datasets)
+    denoised: list[np.ndarray] = [np.empty(0, np.float32)] * len(datasets)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+        decoded = {i: decoder.submit(decode_instance_hu, datasets[i]) for i in order}
+        try:
+            for indices in by_shape.values():
+                # Frames to run, as (instance, frame or None); an instance is complete
+                # once its last frame has gone through the model.
+                pending: list[tuple[int, int | None, np.ndarray]] = []
+                for n, i in enumerate(indices):
+                    volume = decoded.pop(i).result()
+                    hu[i] = volume
+                    denoised[i] = np.empty_like(volume)
+                    if volume.ndim == 3:
+                        pending.extend((i, f, frame) for f, frame in enumerate(volume))
+                    else:
+                        pending.append((i, None, volume))
+                    last = n == len(indices) - 1
+                    while len(pending) >= cascade.batch_size or (last and pending):
+                        batch, pending = (
+                            pending[: cascade.batch_size],
+                            pending[cascade.batch_size :],
+                        )
+                        result = cascade.denoise(
+                            np.stack([image for _, _, image in batch]), progress=progress
+                        )
+                        for (owner, frame, _), image in zip(batch, result, strict=True):
+                            if frame is None:
+                                denoised[owner] = image
+                            else:
+                                denoised[owner][frame] = image
+                            done = frame is None or frame == len(hu[owner]) - 1
+                            if done and on_instance is not None:
+                                on_instance(owner, hu[owner], denoised[owner])
+        except BaseException:
+            for future in decoded.values():
+                future.cancel()
+            raise
+    return CascadeOutput(hu=hu, denoised=denoised)
+
+
+class DerivedWriter:
+    """Derives and writes the instances of one series in a background thread, one
+    derived series per profile, while the cascade goes on with the next batch.
+
+    Use as a context manager: leaving it with an exception (a bad slice, a shutdown)
+    removes every file it wrote, so nothing is left of a series that failed.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        profiles: Sequence[OutputProfile],
+        dicom: DicomSettings,
+        output_root: Path,
+        model_version: str,
+    ) -> None:
+        if not datasets:
+            raise ValueError("datasets is empty: a series needs at least one instance")
+        if not profiles:
+            raise ValueError("profiles is empty: at least one output profile is needed")
+        self.datasets = datasets
+        self.profiles = list(profiles)
+        self.dicom = dicom
+        self.model_version = model_version
+        source_series = str(datasets[0].SeriesInstanceUID)
+        self.directories: list[tuple[str, Path]] = []
+        for profile in self.profiles:
+            uid = derived_series_uid(source_series, model_version, profile.name, dicom.uid_root)
+            self.directories.append((uid, output_root / uid))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self._writes: dict[int, Future[list[Path]]] = {}
+
+    def __enter__(self) -> DerivedWriter:
+        for _, directory in self.directories:
+            # Private like the spool: the derived images carry the same patient data.
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self._abort()
+        self._executor.shutdown(wait=True)
+
+    def submit(self, index: int, hu: np.ndarray, denoised: np.ndarray) -> None:
+        """Queue instance ``index`` for writing; raises the error of an earlier write,
+        so a series with an unwritable header stops at once, not after the model."""
+        for future in self._writes.values():
+            if future.done() and future.exception() is not None:
+                future.result()
+        self._writes[index] = self._executor.submit(self._write, index, hu, denoised)
+
+    def finish(self) -> list[DerivedSeries]:
+        """Wait for every write; the derived series, one per profile."""
+        if len(self._writes) != len(self.datasets):
+            missing = len(self.datasets) - len(self._writes)
+            raise RuntimeError(f"{missing} instance(s) were never submitted for writing")
+        per_instance = [self._writes[i].result() for i in range(len(self.datasets))]
+        written: list[DerivedSeries] = []
+        for k, (profile, (uid, directory)) in enumerate(
+            zip(self.profiles, self.directories, strict=True)
+        ):
+            paths = [paths[k] for paths in per_instance]
+            written.append(DerivedSeries(profile.name, uid, directory, paths))
+            logger.info(
+                "wrote derived series (%s, %d instances) to %s",
+                profile.name,
+                len(paths),
+                directory,
+            )
+        return written
+
+    def _write(self, index: int, hu: np.ndarray, denoised: np.ndarray) -> list[Path]:
+        ds = self.datasets[index]
+        return [
+            _write_one(
+                ds,
+                blend_with_input(denoised, hu, profile.blend),
+                profile,
+                self.model_version,
+                self.dicom,
+                directory,
+            )
+            for profile, (_, directory) in zip(self.profiles, self.directories, strict=True)
+        ]
+
+    def _abort(self) -> None:
+        for future in self._writes.values():
+            future.cancel()
+        wait(list(self._writes.values()))
+        for future in self._writes.values():
+            if not future.cancelled() and future.exception() is None:
+                for path in future.result():
+                    path.unlink(missing_ok=True)
+        for _, directory in self.directories:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty: never someone else's files
+
+
+def write_derived_series(
+    datasets: Sequence[Dataset],
+    output: CascadeOutput,
+    profiles: Sequence[OutputProfile],
+    dicom: DicomSettings,
+    output_root: Path,
+    model_version: str,
+) -> list[DerivedSeries]:
+    """Blend and write one derived series per profile from one cascade output."""
+    with DerivedWriter(datasets, profiles, dicom, output_root, model_version) as writer:
+        for i, (src, out) in enumerate(zip(output.hu, output.denoised, strict=True)):
+            writer.submit(i, src, out)
+        return writer.finish()
+
+
 def denoise_series(
     datasets: Sequence[Dataset],
     cascade: Cascade,
@@ -54,10 +260,15 @@ def denoise_series(
 ) -> list[DerivedSeries]:
     """Denoise the instances of one source series and write its derived series.
 
+    The cascade runs once; each profile gets its own blend and derived series. Decoding,
+    the model and writing overlap (a three-stage pipeline).
+
     Parameters
     ----------
     datasets
-        Full datasets (with pixel data) of one series, in slice order.
+        Full datasets (with pixel data) of one series, in slice order. Multi-frame
+        (Enhanced CT) instances are denoised frame by frame and written back as one
+        Enhanced CT instance each (see :mod:`ldct_node.enhanced`).
     cascade
         The loaded networks.
     profiles
@@ -67,54 +278,44 @@ def denoise_series(
     output_root
         Each derived series goes to ``output_root/<derived SeriesInstanceUID>/``.
     progress
-        Called with the number of slices denoised after each batch.
+        Called with the number of slices (frames) denoised after each batch.
 
     Raises
     ------
     ldct_node.dicomio.InputError
         When a slice cannot be decoded; nothing is written for the series then.
     """
-    if not datasets:
-        raise ValueError("datasets is empty: a series needs at least one instance")
-    if not profiles:
-        raise ValueError("profiles is empty: at least one output profile is needed")
-    hu = [decode_hu(ds) for ds in datasets]
-    denoised: list[np.ndarray] = [np.empty(0, np.float32)] * len(hu)
-    # Slices of one series nearly always share one size; batch per size when they do not.
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(hu):
-        by_shape.setdefault(image.shape, []).append(i)
-    for indices in by_shape.values():
-        result = cascade.denoise(np.stack([hu[i] for i in indices]), progress=progress)
-        for i, image in zip(indices, result, strict=True):
-            denoised[i] = image
+    with DerivedWriter(datasets, profiles, dicom, output_root, cascade.model_version) as writer:
+        run_cascade(datasets, cascade, progress=progress, on_instance=writer.submit)
+        return writer.finish()
 
-    written: list[DerivedSeries] = []
-    source_series = str(datasets[0].SeriesInstanceUID)
-    for profile in profiles:
-        series_uid = derived_series_uid(
-            source_series, cascade.model_version, profile.name, dicom.uid_root
+
+def _write_one(
+    source: Dataset,
+    image_hu: np.ndarray,
+    profile: OutputProfile,
+    model_version: str,
+    dicom: DicomSettings,
+    directory: Path,
+) -> Path:
+    """Derive and write one instance; a source header that cannot be carried over (an
+    element with a wrong VR or garbage value) is an :class:`InputError` naming it."""
+    try:
+        derived = derive_instance(
+            source, image_hu, profile=profile, model_version=model_version, dicom=dicom
         )
-        directory = output_root / series_uid
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = [
-            write_derived(
-                derive_instance(
-                    ds,
-                    blend_with_input(out, src, profile.blend),
-                    profile=profile,
-                    model_version=cascade.model_version,
-                    dicom=dicom,
-                ),
-                directory,
-            )
-            for ds, src, out in zip(datasets, hu, denoised, strict=True)
-        ]
-        written.append(DerivedSeries(profile.name, series_uid, directory, paths))
-        logger.info(
-            "wrote derived series (%s, %d instances) to %s", profile.name, len(paths), directory
-        )
-    return written
+        return write_derived(derived, directory)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a real I/O error (disk full...), not the header; pydicom's have no errno
+        uid = source.get("SOPInstanceUID", "?")
+        # First line only: pydicom appends the offending element with its value, which
+        # could be patient data.
+        what = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(
+            f"instance {uid}: its header cannot be carried into the derived instance "
+            f"({type(exc).__name__}: {what})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -143,17 +344,41 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def is_dead_local_worker(worker_id: str) -> bool:
+    """True if ``worker_id`` (``host:pid``) names a process of this host that is gone.
+
+    Lets a restarting node take back at once what a crashed process on the same host
+    held, without touching jobs of live workers elsewhere (those wait for their lease).
+    """
+    host, _, pid_text = worker_id.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 class _Heartbeat:
     """Refreshes a running job's heartbeat in a background thread until closed.
 
     ``lost`` is set when the database says the job is no longer running for us.
     """
 
-    def __init__(self, db: Database, job_id: int, worker_id: str, interval: float) -> None:
+    def __init__(
+        self, db: Database, job_id: int, worker_id: str, interval: float, lease_seconds: float
+    ) -> None:
         self.db = db
         self.job_id = job_id
         self.worker_id = worker_id
         self.interval = interval
+        self.lease_seconds = lease_seconds
         self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(
@@ -171,7 +396,9 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._done.wait(self.interval):
             try:
-                if not self.db.heartbeat(self.job_id, self.worker_id):
+                if not self.db.heartbeat(
+                    self.job_id, self.worker_id, lease_seconds=self.lease_seconds
+                ):
                     self.lost.set()
                     return
             except Exception as exc:  # a busy database must not end the job
@@ -201,7 +428,11 @@ class Worker:
     on_forwarding
         Called after a job reached ``forwarding`` (e.g. to start sending at once).
     heartbeat_seconds
-        Interval of the running job's heartbeat.
+        Interval of the running job's heartbeat (default: 10 s, or a quarter of the
+        lease when that is shorter).
+    lease_seconds
+        How long a claimed job stays ours without a heartbeat (default
+        ``worker.lease_seconds``).
     """
 
     def __init__(
@@ -213,10 +444,18 @@ class Worker:
         *,
         worker_id: str | None = None,
         on_forwarding: Callable[[], None] | None = None,
-        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        heartbeat_seconds: float | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
+        if lease_seconds is None:
+            lease_seconds = settings.worker.lease_seconds
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: must be > 0, got {lease_seconds}")
+        if heartbeat_seconds is None:
+            heartbeat_seconds = min(HEARTBEAT_SECONDS, lease_seconds / 4)
         if heartbeat_seconds <= 0:
             raise ValueError(f"heartbeat_seconds: must be > 0, got {heartbeat_seconds}")
+        self.lease_seconds = lease_seconds
         self.settings = settings
         self.db = db
         self.spool = spool
@@ -226,6 +465,9 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
+        #: How many times this worker ran the cascade (reused outputs do not count).
+        self.cascade_runs = 0
+        self._last_output: tuple[tuple[str, tuple[str, ...]], CascadeOutput] | None = None
 
     # -- control ------------------------------------------------------------------------
     def wake(self) -> None:
@@ -268,7 +510,7 @@ class Worker:
         """
         if self._stop.is_set():
             return None
-        job = self.db.claim_next_job(self.worker_id)
+        job = self.db.claim_next_job(self.worker_id, lease_seconds=self.lease_seconds)
         if job is None:
             return None
         return self.process(job)
@@ -290,8 +532,11 @@ class Worker:
             job.profile,
             job.source_instances,
         )
+        started = time.monotonic()
         output_root = self.spool.derived / f"job-{job.id}"
-        with _Heartbeat(self.db, job.id, self.worker_id, self.heartbeat_seconds) as beat:
+        with _Heartbeat(
+            self.db, job.id, self.worker_id, self.heartbeat_seconds, self.lease_seconds
+        ) as beat:
 
             def checkpoint(_done: int = 0) -> None:
                 if self._stop.is_set():
@@ -300,20 +545,13 @@ class Worker:
                     raise _JobLostError
 
             try:
-                datasets = self._load(job, checkpoint)
+                paths, datasets = self._load(job, checkpoint)
                 checkpoint()
                 # A previous run's output (interrupted, or an older model) must not mix in.
                 if output_root.exists():
                     self.spool.purge_paths([output_root])
                 output_root = self.spool.derived_dir(f"job-{job.id}")
-                written = denoise_series(
-                    datasets,
-                    self.cascade,
-                    [profile],
-                    self.settings.dicom,
-                    output_root,
-                    progress=checkpoint,
-                )
+                written = self._denoise(job, paths, datasets, profile, output_root, checkpoint)
             except _ShutdownRequestedError:
                 return self._hand_back(job.id)
             except _JobLostError:
@@ -333,6 +571,9 @@ class Worker:
                     f"retry job {job.id} once the cause is fixed",
                 )
         derived = written[0]
+        monitoring.JOBS_PROCESSED.labels(profile.name).inc()
+        elapsed = time.monotonic() - started
+        monitoring.JOB_PROCESSING_SECONDS.labels(profile.name).observe(elapsed)
         logger.info(
             "job %d: derived series %s written (%d instance(s))",
             job.id,
@@ -345,15 +586,67 @@ class Worker:
                 derived.series_uid,
                 derived.directory,
                 len(derived.paths),
-                [d.name for d in self.settings.destinations],
+                destinations_for(profile, self.settings),
+                worker_id=self.worker_id,
             )
         except TransitionError:
             return self._abandoned(job.id, output_root)
+        if state == JobState.DONE:  # no destinations: done once written
+            monitoring.JOB_LATENCY_SECONDS.labels(profile.name).observe(elapsed)
         if state == JobState.FORWARDING and self.on_forwarding is not None:
             self.on_forwarding()
         return state
 
-    def _load(self, job: JobInfo, checkpoint: Callable[[], None]) -> list[Dataset]:
+    def _denoise(
+        self,
+        job: JobInfo,
+        paths: list[Path],
+        datasets: list[Dataset],
+        profile: OutputProfile,
+        output_root: Path,
+        checkpoint: Callable[[int], None],
+    ) -> list[DerivedSeries]:
+        """Run the cascade and write the derived series behind it, or reuse the cascade
+        output of another profile of the same input.
+
+        Jobs of one series (one per profile) are queued together and claimed one after
+        the other; the network output is the same for all of them, only the blend
+        differs. The last output is kept only while more than one profile is configured,
+        and only for exactly the same instances.
+        """
+        model_version = self.cascade.model_version
+        key = (job.series_instance_uid, tuple(str(p) for p in paths))
+        if self._last_output is not None and self._last_output[0] == key:
+            logger.info(
+                "job %d: reusing the cascade output of series %s (profile %s)",
+                job.id,
+                job.series_instance_uid,
+                job.profile,
+            )
+            return write_derived_series(
+                datasets,
+                self._last_output[1],
+                [profile],
+                self.settings.dicom,
+                output_root,
+                model_version,
+            )
+        self._last_output = None  # free the memory before the next run
+        with DerivedWriter(
+            datasets, [profile], self.settings.dicom, output_root, model_version
+        ) as writer:
+            output = run_cascade(
+                datasets, self.cascade, progress=checkpoint, on_instance=writer.submit
+            )
+            written = writer.finish()
+        self.cascade_runs += 1
+        if len(self.settings.outputs) > 1:
+            self._last_output = (key, output)
+        return written
+
+    def _load(
+        self, job: JobInfo, checkpoint: Callable[[], None]
+    ) -> tuple[list[Path], list[Dataset]]:
         paths = self.db.job_instances(job.id)
         if not paths:
             raise _JobInputError(
@@ -370,11 +663,11 @@ class Worker:
                     f"spooled instance {path} is missing (spool moved or files deleted): "
                     f"re-send the series, or cancel job {job.id}"
                 ) from None
-        return datasets
+        return paths, datasets
 
     def _fail(self, job_id: int, reason: str) -> JobState:
         try:
-            state = self.db.fail_job(job_id, reason)
+            state = self.db.fail_job(job_id, reason, worker_id=self.worker_id)
         except TransitionError:  # cancelled (or taken away) meanwhile: not ours to fail
             state = JobState(self.db.get_job(job_id).state)
             logger.info(
@@ -382,6 +675,7 @@ class Worker:
             )
             return state
         if state == JobState.FAILED:
+            monitoring.JOBS_FAILED.labels("processing").inc()
             logger.warning("job %d failed: %s", job_id, reason)
         else:
             logger.info(

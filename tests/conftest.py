@@ -6,7 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,3 +77,18 @@ def write_weights_dir(
 @pytest.fixture(scope="session")
 def untrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_weights_dir(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the session (skipped where not installed)."""
+    from _pg_util import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """The SQLAlchemy URL of a new, empty PostgreSQL database."""
+    return str(pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))

@@ -102,3 +102,10 @@ def test_usage_errors_exit_2_with_one_clear_line(args: tuple[str, ...]) -> None:
     res = run_cli(*args)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "Error" in res.stderr
+
+
+def test_worker_lease_seconds() -> None:
+    assert parse_settings({}).worker.lease_seconds == 300.0
+    assert parse_settings({"worker": {"lease_seconds": 30}}).worker.lease_seconds == 30.0
+    with pytest.raises(ConfigError, match=r"worker\.lease_seconds"):
+        parse_settings({"worker": {"lease_seconds": 0}}, source="x.toml")

@@ -36,6 +36,9 @@ DEFAULT_PIPELINE: tuple[tuple[str, str], ...] = (
     ("perceptual", "image"),
     ("difference", "difference"),
 )
+#: ``engine`` values of :class:`Cascade`: "fused" (:mod:`ldct_node.model.fused`, the
+#: default where the networks are DRLs) or "keras" (the Keras models as built).
+ENGINES = ("auto", "fused", "keras")
 PRECISION_POLICIES = {
     "float32": "float32",
     # Variables stay float32 (the stored weights), compute runs in the low precision.
@@ -191,9 +194,12 @@ class Cascade:
         precision: str = "float32",
         stages: list[tuple[Any, str]] | None = None,
         method: str = "C",
+        engine: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if stages is None:
             if perceptual is None or difference is None:
                 raise TypeError("Cascade needs perceptual and difference networks, or stages")
@@ -201,6 +207,8 @@ class Cascade:
         if not stages or any(output not in STAGE_OUTPUTS for _, output in stages):
             raise ValueError(f"stages: each stage's output must be one of {STAGE_OUTPUTS}")
         import keras
+
+        from ldct_node.model.fused import compile_cascade
 
         self.model_version = model_version
         self.method = method
@@ -220,6 +228,26 @@ class Cascade:
                     [keras.ops.cast(x, "float32"), pred]
                 )
         self.model = keras.Model(inp, x, name="ldct_cascade")
+        self._fused = None
+        # The fused graph implements the paper's cascade (image stage, then difference).
+        if engine != "keras" and [output for _, output in stages] == ["image", "difference"]:
+            with self._scope:
+                self._fused = compile_cascade(stages[0][0], stages[1][0], precision=precision)
+        if self._fused is None and engine == "fused":
+            raise ValueError("engine 'fused' needs the DRL cascade (C); use 'keras' or 'auto'")
+        #: The engine in use: "fused" or "keras".
+        self.engine = "fused" if self._fused is not None else "keras"
+
+    def warm_up(self, size: int = 64) -> None:
+        """Run one small slice, so that graph tracing is not paid by the first job."""
+        self.denoise(np.zeros((size, size), np.float32))
+
+    def predict_model_range(self, batch: np.ndarray) -> np.ndarray:
+        """Run the networks on a float32 ``(N, H, W, 1)`` batch in the model range."""
+        with self._scope:
+            if self._fused is not None:
+                return self._fused(batch)
+            return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
     @classmethod
     def load(
@@ -229,10 +257,13 @@ class Cascade:
         batch_size: int = 4,
         device: str = "auto",
         precision: str = "float32",
+        engine: str = "auto",
     ) -> Cascade:
         """Build both networks and load the weights named in ``weights_dir/MANIFEST.json``.
 
         Every weights file is checked against its sha256 before it is loaded.
+        ``engine`` "auto" runs the fused graph (:mod:`ldct_node.model.fused`) when the
+        networks are DRLs, "keras" the Keras models as built (the reference).
         """
         from ldct_node.model.networks import NETWORK_BUILDERS
 
@@ -265,13 +296,15 @@ class Cascade:
                 precision=precision,
                 stages=[(nets[role], output) for role, output in manifest.pipeline],
                 method=manifest.method,
+                engine=engine,
             )
         logger.info(
-            "loaded cascade %s from %s (precision %s, device %s)",
+            "loaded cascade %s from %s (precision %s, device %s, %s engine)",
             manifest.model_version,
             weights_path,
             precision,
             device,
+            cascade.engine,
         )
         return cascade
 
@@ -306,14 +339,13 @@ class Cascade:
         single = hu.ndim == 2
         stack = hu[None] if single else hu
         out = np.empty_like(stack)
-        with self._scope:
-            for start in range(0, stack.shape[0], self.batch_size):
-                batch = hu_to_model(stack[start : start + self.batch_size])[..., None]
-                pred = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-                # The networks never saw values outside the model range: clip to it.
-                out[start : start + len(batch)] = model_to_hu(np.clip(pred[..., 0], 0.0, 1.0))
-                if progress is not None:
-                    progress(len(batch))
+        for start in range(0, stack.shape[0], self.batch_size):
+            batch = hu_to_model(stack[start : start + self.batch_size])[..., None]
+            pred = self.predict_model_range(batch)
+            # The networks never saw values outside the model range: clip to it.
+            out[start : start + len(batch)] = model_to_hu(np.clip(pred[..., 0], 0.0, 1.0))
+            if progress is not None:
+                progress(len(batch))
         outside = (stack < HU_MIN) | (stack > HU_MIN + HU_RANGE)
         out = blend_with_input(np.where(outside, stack, out), stack, blend)
         return out[0] if single else out

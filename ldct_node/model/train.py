@@ -129,6 +129,7 @@ class TrainOptions:
     #: Weights folder of an earlier run whose leading stages this method shares
     #: (same data and recipe): they are loaded instead of trained again.
     reuse_from: Path | None = None
+    distributed: bool = False
     verbose: int = 1
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -266,23 +267,71 @@ def _fit_stage(
     if initial_epoch >= epochs:
         logger.info("stage %d: %d/%d epochs already done", stage, initial_epoch, epochs)
         return []
-    history = model.fit(
-        x,
-        y,
-        batch_size=opts.batch_size,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        validation_data=val if val is not None and len(val[0]) else None,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=opts.verbose,
-    )
+    if opts.distributed:
+        history = _fit_distributed(model, x, y, val, callbacks, epochs, initial_epoch, opts)
+    else:
+        history = model.fit(
+            x,
+            y,
+            batch_size=opts.batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            validation_data=val if val is not None and len(val[0]) else None,
+            callbacks=callbacks,
+            shuffle=True,
+            verbose=opts.verbose,
+        )
     n = len(next(iter(history.history.values()), []))
     return [{k: float(v[i]) for k, v in history.history.items()} for i in range(n)]
 
 
-def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+def _fit_distributed(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    callbacks: list[Any],
+    epochs: int,
+    initial_epoch: int,
+    opts: TrainOptions,
+) -> Any:
+    """``fit`` on whole global batches only: a last partial batch would leave some
+    replicas an empty slice, which TensorFlow's convolutions reject. The patches are
+    reshuffled every epoch, so each epoch leaves out different ones."""
+    import tensorflow as tf
+
+    batch = opts.batch_size
+    if len(x) < batch:
+        raise ValueError(f"batch_size: {batch} is more than the {len(x)} training patches")
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=opts.seed, reshuffle_each_iteration=True)
+        .batch(batch, drop_remainder=True)
+    )
+    val_ds = None
+    if val is not None and len(val[0]) >= batch:
+        val_ds = tf.data.Dataset.from_tensor_slices(val).batch(batch, drop_remainder=True)
+    elif val is not None and len(val[0]):
+        logger.warning("fewer validation patches than one global batch: no validation loss")
+    return model.fit(
+        train_ds,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        validation_data=val_ds,
+        callbacks=callbacks,
+        verbose=opts.verbose,
+    )
+
+
+def _predict(model: Any, x: np.ndarray, batch_size: int, whole_batches: bool = False) -> np.ndarray:
+    """``model.predict``; with ``whole_batches`` the input is padded to whole batches
+    (distributed: no replica may get an empty slice) and the padding dropped again."""
+    n = len(x)
+    if whole_batches and n % batch_size:
+        pad = np.repeat(x[-1:], batch_size - n % batch_size, axis=0)
+        x = np.concatenate([x, pad])
+    out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    return out[:n]
 
 
 def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
@@ -316,10 +365,16 @@ def _stage_epochs(spec: StageSpec, opts: TrainOptions) -> int:
     return opts.epochs_perceptual if spec.loss == "perceptual" else opts.epochs_difference
 
 
-def _apply_stage(spec: StageSpec, net: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _apply_stage(
+    spec: StageSpec, net: Any, x: np.ndarray, batch_size: int, whole_batches: bool = False
+) -> np.ndarray:
     """The pipeline's image after this stage: the network's image, or input - difference."""
-    pred = _predict(net, x, batch_size)
+    pred = _predict(net, x, batch_size, whole_batches)
     return pred if spec.output == "image" else x - pred
+
+
+#: Options that do not change what a stage learns (compared by ``--reuse-from``).
+_NOT_RECIPE = ("method", "reuse_from", "distributed")
 
 
 def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[Path]:
@@ -335,8 +390,8 @@ def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --reuse-from needs a trained weights folder")
     other = json.loads(path.read_text(encoding="utf-8"))
-    mine = {k: v for k, v in _recipe(opts).items() if k not in ("method", "reuse_from")}
-    theirs = {k: v for k, v in other.get("recipe", {}).items() if k not in ("method", "reuse_from")}
+    mine = {k: v for k, v in _recipe(opts).items() if k not in _NOT_RECIPE}
+    theirs = {k: v for k, v in other.get("recipe", {}).items() if k not in _NOT_RECIPE}
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(
@@ -363,12 +418,62 @@ def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[
     return files
 
 
+def distribution_strategy() -> Any:
+    """A ``tf.distribute.MirroredStrategy`` over every GPU, else every (logical) CPU.
+
+    One replica per device, gradients all-reduced after each batch. Without GPUs it
+    mirrors over the CPU devices TensorFlow has (one, unless split with
+    ``tf.config.set_logical_device_configuration``, which the tests do).
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"--distributed needs the TensorFlow backend (KERAS_BACKEND is "
+            f"{keras.backend.backend()!r})"
+        )
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    # NCCL (the default all-reduce) needs GPUs; on CPUs reduce through one device.
+    cross = None if gpus else tf.distribute.ReductionToOneDevice()
+    strategy = tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross)
+    logger.info(
+        "distributed training: MirroredStrategy with %d replica(s) on %s",
+        strategy.num_replicas_in_sync,
+        ", ".join(devices),
+    )
+    return strategy
+
+
 def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
     """Train every stage of ``opts.method`` and write weights + MANIFEST.json.
 
     Stage k learns from the pipeline's output after stage k - 1 (the LDCT for k = 1):
     an ``image`` stage learns the NDCT, a ``difference`` stage learns its input minus
     the NDCT (inference subtracts what it predicts).
+
+    With ``opts.distributed`` the networks (and the VGG16 loss network) are built and
+    trained under :func:`distribution_strategy`; ``opts.batch_size`` is the global
+    batch.
+    """
+    if not opts.distributed:
+        return _train_stages(opts, vgg_extractor=vgg_extractor)
+    opts.validate()
+    strategy = distribution_strategy()
+    if opts.batch_size < strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"batch_size: {opts.batch_size} is smaller than the "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )
+    with strategy.scope():
+        return _train_stages(opts, vgg_extractor=vgg_extractor)
+
+
+def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, Any]:
+    """Train every stage of ``opts.method`` and write weights + MANIFEST.json into
+    ``opts.output_dir`` (under the caller's distribution strategy, if any).
 
     Parameters
     ----------
@@ -459,9 +564,9 @@ def train(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> dict[str, 
                     state = {"stage": k + 1, "epochs_done": 0}
         nets.append(net)
         # The next stage learns from this stage's output.
-        x_train = _apply_stage(spec, net, x_train, opts.batch_size)
+        x_train = _apply_stage(spec, net, x_train, opts.batch_size, opts.distributed)
         if x_val is not None:
-            x_val = _apply_stage(spec, net, x_val, opts.batch_size)
+            x_val = _apply_stage(spec, net, x_val, opts.batch_size, opts.distributed)
             if k < n_stages:
                 stage_rmse[f"rmse_hu_stage{k}_vs_ndct"] = rmse(
                     model_to_hu(x_val), model_to_hu(patches.val_ndct)

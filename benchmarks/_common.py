@@ -1,0 +1,242 @@
+"""Helpers shared by the benchmark scripts (timing, reporting, synthetic CT, DCMTK peers).
+
+Benchmarks print figures, they assert nothing. Absolute times depend on the machine
+and on whatever else runs on it; every script therefore measures the things it
+compares in the same run, interleaved (A, B, A, B, ...), and keeps the best time of
+each: noise from other processes only ever adds time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_WEIGHTS = REPO / "weights"
+LOOPBACK = "127.0.0.1"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+    }
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time of each case, the cases run in turn ``repeats`` times (A B C A B C...)."""
+    best = {name: float("inf") for name in cases}
+    for _ in range(max(1, repeats)):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def report(title: str, result: dict[str, Any], json_path: str | None) -> None:
+    """Print the machine line and write ``result`` as JSON when asked."""
+    result = {"benchmark": title, "machine": machine_info(), **result}
+    info = result["machine"]
+    print(f"# {title} on {info['cpu']} ({info['cpus']} CPUs, load {info['load_average']})")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {json_path}")
+
+
+def ct_volume(n: int, size: int, *, seed: int = 0) -> np.ndarray:
+    """``(n, size, size)`` float32 HU: air, a body ellipse with organs and bone, noise.
+
+    Only the timing matters here; the content is plausible CT so that compression
+    and value ranges are realistic.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    body = (xx / 0.45) ** 2 + (yy / 0.35) ** 2 <= 1.0
+    organ = ((xx + 0.12) / 0.12) ** 2 + (yy / 0.15) ** 2 <= 1.0
+    spine = (xx / 0.05) ** 2 + ((yy - 0.22) / 0.05) ** 2 <= 1.0
+    base = np.full((size, size), -1000.0, np.float32)
+    base[body] = 40.0
+    base[organ] = 60.0
+    base[spine] = 700.0
+    volume = np.repeat(base[None], n, axis=0)
+    volume += rng.normal(0.0, 25.0, volume.shape).astype(np.float32) * body
+    return volume
+
+
+def write_series(folder: Path, n: int, size: int, *, seed: int = 0) -> list[Path]:
+    """Write an ``n``-slice CT series (uncompressed, explicit VR LE) and return its files."""
+    from pydicom.uid import generate_uid
+
+    from ldct_node.dicomio import write_ct_series
+
+    return write_ct_series(
+        ct_volume(n, size, seed=seed),
+        folder,
+        pixel_spacing_mm=0.7,
+        slice_thickness_mm=1.0,
+        series_description="benchmark",
+        series_number=2,
+        study_uid=generate_uid(),
+        frame_of_reference_uid=generate_uid(),
+        patient_name="Bench^Mark",
+        patient_id="BENCH0001",
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def need_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} not found (apt-get install dcmtk)")
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
+def echo_ok(port: int, ae_title: str) -> bool:
+    result = subprocess.run(
+        ["echoscu", "-aec", ae_title, "-to", "5", LOOPBACK, str(port)],
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@contextmanager
+def storescp(directory: Path, ae_title: str = "PACS") -> Iterator[int]:
+    """DCMTK storescp on a free loopback port writing into ``directory``; yields the port."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = (directory.parent / f"storescp-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "-od", str(directory), "+xa", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or echo_ok(port, ae_title), 30, "storescp to start"
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"storescp exited with {proc.returncode}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def storescu(port: int, ae_title: str, files: list[Path]) -> float:
+    """Send ``files`` over one association with DCMTK storescu; returns its wall time."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["storescu", "-aec", ae_title, "-aet", "BENCH", LOOPBACK, str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr.strip()}")
+    return elapsed
+
+
+@contextmanager
+def node_process(
+    folder: Path,
+    *,
+    weights: Path = BUNDLED_WEIGHTS,
+    stable_seconds: float = 3600.0,
+    model: dict[str, Any] | None = None,
+    destinations: list[dict[str, Any]] | None = None,
+) -> Iterator[tuple[int, Path]]:
+    """``ldct-node serve`` in a subprocess on a free port; yields (port, log file)."""
+    import tomli_w
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config: dict[str, Any] = {
+        "node": {"host": LOOPBACK, "port": port, "ae_title": "LDCT_NODE"},
+        "storage": {"spool_dir": "spool", "database_url": "sqlite:///node.db", "min_free_gb": 0},
+        "series": {"stable_seconds": stable_seconds},
+        "model": {"weights_dir": str(weights), "device": "cpu", **(model or {})},
+        "forward": {"backoff_seconds": [1]},
+    }
+    if destinations:
+        config["destinations"] = destinations
+    path = folder / "config.toml"
+    path.write_bytes(tomli_w.dumps(config).encode())
+    log_path = folder / "node.log"
+    log = log_path.open("wb")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ldct_node.cli", "serve", "--config", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or echo_ok(port, "LDCT_NODE"), 180, "ldct-node serve"
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"ldct-node serve exited with {proc.returncode}; see {log_path}")
+        yield port, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()

@@ -1,0 +1,260 @@
+"""Inference benchmark: cascade slices/s and model GFLOP/s vs a matmul roofline.
+
+For each engine (fused graph, Keras models), precision and batch size it times the
+cascade on ``--size`` x ``--size`` slices, interleaved, best of ``--repeats``.
+Model FLOPs follow the issue's definition, 2 x parameters x pixels per network
+(451,202 parameters in the two DRLs: 236.6 GFLOP per 512x512 slice). The roofline
+is a square matmul of the same dtype timed in the same process, on the same device.
+
+Backend: whatever ``KERAS_BACKEND`` says (tensorflow by default; jax on a GPU box).
+
+    .venv/bin/python benchmarks/inference.py                      # 512x512, fp32 + bf16
+    .venv/bin/python benchmarks/inference.py --batch-sizes 1,2,4,8 --json out.json
+    KERAS_BACKEND=jax python benchmarks/inference.py --device gpu --batch-sizes 32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import numpy as np  # noqa: E402
+from _common import BUNDLED_WEIGHTS, ct_volume, report  # noqa: E402
+
+MATMUL_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype`` on the active backend (compiled)."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype(np.float32), dtype)
+    b = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype(np.float32), dtype)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda x, y: tf.linalg.matmul(x, y), autograph=False)
+
+        def run() -> None:
+            fn(a, b).numpy()
+
+    elif backend == "jax":
+        import jax
+
+        jfn = jax.jit(lambda x, y: x @ y)
+
+        def run() -> None:
+            jfn(a, b).block_until_ready()
+
+    else:
+
+        def run() -> None:
+            keras.ops.convert_to_numpy(keras.ops.matmul(a, b))
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
+
+
+def low_precision_error(cascades: dict[tuple[str, str], Any]) -> dict[str, float]:
+    """RMS HU difference of each reduced precision to float32 on a real CT slice.
+
+    The slice is pydicom-data's 512x512 CT (held out from training); skipped without it.
+    """
+    try:
+        import pydicom
+        from pydicom.data import get_testdata_file
+
+        from ldct_node.dicomio import decode_hu
+
+        path = get_testdata_file("693_UNCR.dcm")
+        if path is None:
+            return {}
+        hu = decode_hu(pydicom.dcmread(path))[None]
+    except Exception:  # pydicom-data missing or offline: the accuracy line is optional
+        return {}
+    errors = {}
+    for (engine, precision), cascade in cascades.items():
+        reference = cascades.get((engine, "float32"))
+        if precision == "float32" or reference is None:
+            continue
+        diff = cascade.denoise(hu).astype(np.float64) - reference.denoise(hu)
+        errors[f"{engine} {precision}"] = float(np.sqrt(np.mean(diff**2)))
+    return errors
+
+
+def device_name(device: str) -> str:
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return "GPU" if gpus and device != "cpu" else "CPU"
+    return backend
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
+    parser.add_argument("--size", type=int, default=512, help="slice size (pixels)")
+    parser.add_argument(
+        "--slices", type=int, default=0, help="slices per timing (default 2 x batch)"
+    )
+    parser.add_argument("--batch-sizes", default="1,4", help="comma-separated")
+    parser.add_argument("--precisions", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument("--engines", default="fused,keras", help="fused and/or keras")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmul-n", type=int, default=2048)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="device peak for the precision (e.g. 989 for H100 bf16)",
+    )
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from ldct_node.model.cascade import Cascade
+
+    backend = keras.backend.backend()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    precisions = args.precisions.split(",")
+    engines = args.engines.split(",")
+    print(f"backend {backend}, device {device_name(args.device)}, {args.size}x{args.size} slices")
+
+    cascades: dict[tuple[str, str], Cascade] = {}
+    for engine in engines:
+        for precision in precisions:
+            cascade = Cascade.load(
+                args.weights, device=args.device, precision=precision, engine=engine
+            )
+            if cascade.engine != engine:
+                continue
+            cascades[(engine, precision)] = cascade
+    any_cascade = next(iter(cascades.values()))
+    params = sum(int(net.count_params()) for net in any_cascade.model.layers[1:3])
+    flop_per_slice = 2.0 * params * args.size * args.size
+
+    # Warm up every configuration (compilation, oneDNN primitive caches), then time them
+    # in turn so that load from other processes hits all of them alike.
+    volume = ct_volume(max(batch_sizes) * 2, args.size)
+    configs = [(e, p, b) for (e, p) in cascades for b in batch_sizes]
+    best = {c: float("inf") for c in configs}
+    mm_dtypes = sorted({MATMUL_DTYPES[p] for p in precisions})
+    mm_best = {d: 0.0 for d in mm_dtypes}
+    for config in configs:
+        engine, precision, batch = config
+        cascade = cascades[(engine, precision)]
+        cascade.batch_size = batch
+        cascade.denoise(volume[:batch])
+    for _ in range(args.repeats):
+        for d in mm_dtypes:
+            mm_best[d] = max(mm_best[d], matmul_gflops(args.matmul_n, d, 1))
+        for config in configs:
+            engine, precision, batch = config
+            cascade = cascades[(engine, precision)]
+            cascade.batch_size = batch
+            n = args.slices or 2 * batch
+            start = time.perf_counter()
+            cascade.denoise(volume[:n])
+            best[config] = min(best[config], (time.perf_counter() - start) / n)
+
+    rows = []
+    print(
+        f"matmul {args.matmul_n}^3 GFLOP/s: "
+        + ", ".join(f"{d} {g:.0f}" for d, g in mm_best.items())
+    )
+    print(f"model: {params:,} parameters, {flop_per_slice / 1e9:.1f} GFLOP per slice")
+    print(
+        f"{'engine':7s} {'precision':13s} {'batch':>5s} {'slices/s':>9s} "
+        f"{'GFLOP/s':>8s} {'/matmul':>8s}"
+    )
+    for config in configs:
+        engine, precision, batch = config
+        per_slice = best[config]
+        gflops = flop_per_slice / per_slice / 1e9
+        ratio = gflops / mm_best[MATMUL_DTYPES[precision]]
+        row = {
+            "engine": engine,
+            "precision": precision,
+            "batch_size": batch,
+            "slices_per_s": 1.0 / per_slice,
+            "model_gflops": gflops,
+            "matmul_gflops": mm_best[MATMUL_DTYPES[precision]],
+            "fraction_of_matmul": ratio,
+        }
+        if args.peak_tflops:
+            row["fraction_of_peak"] = gflops / (args.peak_tflops * 1e3)
+        rows.append(row)
+        print(
+            f"{engine:7s} {precision:13s} {batch:5d} {1.0 / per_slice:9.3f} "
+            f"{gflops:8.1f} {ratio:8.2f}"
+            + (f"  {row['fraction_of_peak']:.3f} of peak" if args.peak_tflops else "")
+        )
+
+    def fastest(engine: str, precision: str) -> float:
+        return max(
+            (
+                r["slices_per_s"]
+                for r in rows
+                if r["engine"] == engine and r["precision"] == precision
+            ),
+            default=0.0,
+        )
+
+    ratios: dict[str, float] = {}
+    if fastest("fused", "float32") and fastest("keras", "float32"):
+        ratios["fused_vs_keras_float32"] = fastest("fused", "float32") / fastest("keras", "float32")
+    if fastest("fused", "bfloat16") and fastest("fused", "float32"):
+        ratios["bfloat16_vs_float32_fused"] = fastest("fused", "bfloat16") / fastest(
+            "fused", "float32"
+        )
+    if fastest("keras", "bfloat16") and fastest("keras", "float32"):
+        ratios["mixed_bfloat16_vs_float32_keras"] = fastest("keras", "bfloat16") / fastest(
+            "keras", "float32"
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    accuracy = low_precision_error(cascades)
+    for name, value in accuracy.items():
+        print(f"RMS difference to float32 on a real CT slice, {name}: {value:.3f} HU")
+    result = {
+        "backend": backend,
+        "device": device_name(args.device),
+        "size": args.size,
+        "flop_per_slice": flop_per_slice,
+        "matmul_gflops": mm_best,
+        "rows": rows,
+        "ratios": ratios,
+        "rms_hu_vs_float32": accuracy,
+    }
+    report("inference", result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

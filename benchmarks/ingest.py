@@ -1,0 +1,145 @@
+"""Ingest benchmark: C-STORE images/s into ldct-node vs DCMTK storescp.
+
+Both receivers get the same ``--images`` CT files (512x512, uncompressed) from DCMTK
+``storescu`` over one association on loopback, in turn, ``--repeats`` times; the best
+run of each counts. ldct-node runs as ``ldct-node serve`` (a fresh spool and SQLite
+database per run) and acknowledges an instance only once it is fsynced and its row
+committed; storescp writes its files without fsync. A second part times the steps of
+ldct-node's C-STORE handler in-process on the same files, to show where the time goes.
+
+    .venv/bin/python benchmarks/ingest.py                 # 300 images, 2 repeats
+    .venv/bin/python benchmarks/ingest.py --images 50 --json ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from _common import (  # noqa: E402
+    need_tools,
+    node_process,
+    report,
+    storescp,
+    storescu,
+    write_series,
+)
+
+
+def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
+    """Milliseconds per instance of each step of the C-STORE handler, in-process."""
+    from ldct_node.config import Settings
+    from ldct_node.db import Database, ReceivedInstance
+    from ldct_node.dicomio import processing_skip_reason
+    from ldct_node.receive import _read_header, slice_position
+    from ldct_node.spool import Spool
+
+    settings = Settings()
+    spool = Spool(work / "spool")
+    db = Database(f"sqlite:///{work / 'breakdown.db'}")
+    db.create_schema()
+    blobs = [f.read_bytes() for f in files]
+    steps = dict.fromkeys(
+        ("space check", "parse header", "duplicate query", "spool write+fsync", "db commit"), 0.0
+    )
+    for data in blobs:
+        t0 = time.perf_counter()
+        spool.has_space(0, len(data))
+        t1 = time.perf_counter()
+        ds = _read_header(data)
+        sop, series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+        skip = processing_skip_reason(ds, settings.series)
+        t2 = time.perf_counter()
+        db.instance_path(sop)
+        t3 = time.perf_counter()
+        path = spool.store_bytes(data, sop_instance_uid=sop, series_instance_uid=series)
+        t4 = time.perf_counter()
+        db.record_instance(
+            ReceivedInstance(
+                sop_instance_uid=sop,
+                series_instance_uid=series,
+                study_instance_uid=str(ds.StudyInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=path,
+                calling_aet="BENCH",
+                modality="CT",
+                instance_number=int(ds.InstanceNumber),
+                z_position=slice_position(ds),
+                skip_reason=skip,
+                size_bytes=len(data),
+            ),
+            ["denoised"],
+        )
+        t5 = time.perf_counter()
+        for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            steps[name] += dt
+    db.close()
+    return {name: 1000.0 * total / len(blobs) for name, total in steps.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    need_tools("storescu", "storescp", "echoscu")
+
+    work = Path(tempfile.mkdtemp(prefix="ldct-ingest-", dir=args.workdir))
+    try:
+        files = write_series(work / "source", args.images, args.size)
+        mbytes = sum(f.stat().st_size for f in files) / 1e6
+        print(
+            f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "
+            f"{args.repeats} repeats"
+        )
+        best = {"ldct-node": float("inf"), "storescp": float("inf")}
+        for rep in range(args.repeats):
+            with node_process(work / f"node-{rep}") as (port, _log):
+                best["ldct-node"] = min(best["ldct-node"], storescu(port, "LDCT_NODE", files))
+            with storescp(work / f"scp-{rep}" / "in") as port:
+                best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
+            shutil.rmtree(work / f"node-{rep}", ignore_errors=True)
+            shutil.rmtree(work / f"scp-{rep}", ignore_errors=True)
+        rates = {name: len(files) / t for name, t in best.items()}
+        ratio = rates["ldct-node"] / rates["storescp"]
+        for name, rate in rates.items():
+            print(f"{name:10s} {rate:8.1f} images/s  ({best[name]:.2f} s)")
+        print(f"ldct-node / storescp: {ratio:.2f}")
+        steps = handler_breakdown(files, work / "breakdown")
+        total = sum(steps.values())
+        print(f"C-STORE handler steps (ms per instance, in-process; total {total:.2f} ms):")
+        for name, ms in steps.items():
+            print(f"  {name:18s} {ms:7.2f}")
+        per_instance = 1000 * best["ldct-node"] / len(files)
+        print(f"  over the network: {per_instance:.2f} ms per instance in all")
+        result = {
+            "images": len(files),
+            "size": args.size,
+            "seconds": best,
+            "images_per_s": rates,
+            "ratio_node_vs_storescp": ratio,
+            "handler_ms_per_instance": steps,
+        }
+        report("ingest", result, args.json)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Smoke tests: every benchmark still runs and prints its figures (tiny sizes, no timing).
+
+The benchmarks measure performance; these tests only keep them from rotting: each
+runs end to end with a few small images and reports the figures it promises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import REPO, SHARED_VGG
+
+BENCHMARKS = REPO / "benchmarks"
+needs_dcmtk = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("storescu", "storescp", "echoscu")),
+    reason="DCMTK storescu/storescp/echoscu not installed",
+)
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "inference.json"
+    result = _load("inference").main(
+        [
+            "--size",
+            "32",
+            "--batch-sizes",
+            "1,2",
+            "--repeats",
+            "1",
+            "--matmul-n",
+            "128",
+            "--json",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "slices/s" in printed and "fused_vs_keras_float32" in printed
+    rows = result["rows"]
+    # 2 engines x 2 precisions x 2 batch sizes, each with positive figures.
+    assert len(rows) == 8
+    assert all(r["slices_per_s"] > 0 and r["fraction_of_matmul"] > 0 for r in rows)
+    assert result["flop_per_slice"] == 2 * 451_202 * 32 * 32
+    assert json.loads(out.read_text())["ratios"].keys() == result["ratios"].keys()
+
+
+@needs_dcmtk
+def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _load("ingest").main(
+        ["--images", "4", "--size", "64", "--repeats", "1", "--workdir", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    assert "ldct-node / storescp" in printed
+    assert result["images_per_s"]["ldct-node"] > 0 and result["images_per_s"]["storescp"] > 0
+    assert set(result["handler_ms_per_instance"]) >= {"spool write+fsync", "db commit"}
+
+
+@needs_dcmtk
+def test_e2e_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _load("e2e").main(
+        [
+            "--slices",
+            "3",
+            "--size",
+            "64",
+            "--batch-size",
+            "2",
+            "--stable-seconds",
+            "1",
+            "--timeout",
+            "120",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "(end to end - stable_seconds) / model" in printed
+    assert result["end_to_end_s"] > result["stable_seconds"]
+    assert result["model_s"] > 0 and result["stages_s"]["send"] > 0
+
+
+@pytest.mark.skipif(not SHARED_VGG.is_file(), reason="VGG16 weights not in ../shared")
+def test_train_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _load("train").main(
+        ["--batch-size", "2", "--patch", "16", "--steps", "1", "--warmup", "1"]
+    )
+    assert "patches/s" in capsys.readouterr().out
+    assert all(rate > 0 for rate in result["patches_per_s"].values())

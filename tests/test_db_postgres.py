@@ -1,0 +1,174 @@
+"""The job table shared by several processes, on a real PostgreSQL server (and SQLite
+where the rule is backend-independent): exclusive claims under contention, leases,
+take-over of a dead worker's job, exclusive forward claims."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ldct_node.db import Database, JobState, ReceivedInstance, TransitionError
+from ldct_node.migrate import upgrade
+from ldct_node.worker import is_dead_local_worker
+
+T0 = datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC)
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def inst(series: str, i: int) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=f"{series}.{i}",
+        series_instance_uid=series,
+        study_instance_uid="1.2.9",
+        sop_class_uid=CT,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=Path(f"/spool/incoming/{series}/{series}.{i}.dcm"),
+        modality="CT",
+        instance_number=i,
+        z_position=float(i),
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        url = str(request.getfixturevalue("pg_url"))
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db(url: str) -> Iterator[Database]:
+    database = Database(url)
+    yield database
+    database.close()
+
+
+def queue_jobs(db: Database, n: int, profiles: tuple[str, ...] = ("a",)) -> None:
+    for s in range(n):
+        db.record_instance(inst(f"1.{s + 10}", 1), list(profiles), now=at(0))
+    db.promote_stable_series(at(100), stable_seconds=1)
+
+
+def _claim_all(url: str, name: str) -> list[int]:
+    database = Database(url)
+    claimed = []
+    try:
+        while (job := database.claim_next_job(name)) is not None:
+            claimed.append(job.id)
+    finally:
+        database.close()
+    return claimed
+
+
+def test_four_processes_claim_each_job_exactly_once(db: Database, url: str) -> None:
+    queue_jobs(db, 20, ("a", "b"))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_claim_all, [(url, f"p{i}") for i in range(4)], chunksize=1)
+    claimed = Counter(i for ids in results for i in ids)
+    assert len(claimed) == 40
+    assert set(claimed.values()) == {1}
+    assert all(j.state == JobState.RUNNING and j.attempts == 1 for j in db.list_jobs())
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_finish(db: Database) -> None:
+    queue_jobs(db, 1)
+    job = db.claim_next_job("dead:1", now=at(100), lease_seconds=30)
+    assert job is not None
+    assert db.requeue_expired(now=at(129)) == []  # lease still running
+    assert db.heartbeat(job.id, "dead:1", now=at(125), lease_seconds=30)  # renewed to 155
+    assert db.requeue_expired(now=at(150)) == []
+    assert db.requeue_expired(now=at(156)) == [job.id]
+    again = db.claim_next_job("alive:2", now=at(157), lease_seconds=30)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    # The first holder wakes up: its heartbeat, result and failure are all refused.
+    assert not db.heartbeat(job.id, "dead:1", now=at(158))
+    with pytest.raises(TransitionError):
+        db.finish_processing(job.id, "2.25.1", "/out", 1, ["pacs"], worker_id="dead:1")
+    with pytest.raises(TransitionError):
+        db.fail_job(job.id, "late failure", worker_id="dead:1")
+    assert db.get_job(job.id).worker_id == "alive:2"
+    state = db.finish_processing(job.id, "2.25.1", "/out", 1, ["pacs"], worker_id="alive:2")
+    assert state == JobState.FORWARDING
+
+
+def test_restart_takes_back_only_the_jobs_of_dead_workers(db: Database) -> None:
+    queue_jobs(db, 3)
+    live = db.claim_next_job("host-a:100", lease_seconds=300)
+    dead = db.claim_next_job("host-b:200", lease_seconds=300)
+    assert live is not None and dead is not None
+    assert db.running_owners() == {"host-a:100", "host-b:200"}
+    assert db.requeue_owned_by({"host-b:200"}) == [dead.id]
+    assert db.requeue_expired() == []  # the live worker's lease holds
+    assert db.get_job(live.id).state == JobState.RUNNING
+    assert db.get_job(dead.id).state == JobState.QUEUED
+
+
+def test_one_sender_per_forward(db: Database) -> None:
+    queue_jobs(db, 1)
+    job = db.claim_next_job("w:1")
+    assert job is not None
+    db.finish_processing(job.id, "2.25.1", "/out", 1, ["pacs"], now=at(-1))
+    (fwd,) = db.due_forwards(now=at(0))
+    assert db.claim_forward(fwd.id, "w:1", lease_seconds=60, now=at(0))
+    assert not db.claim_forward(fwd.id, "w:2", lease_seconds=60, now=at(10))
+    assert db.due_forwards(now=at(10)) == []  # claimed: nobody else lists it
+    assert db.claim_forward(fwd.id, "w:1", lease_seconds=60, now=at(30))  # renewal
+    assert not db.claim_forward(fwd.id, "w:2", lease_seconds=60, now=at(80))
+    # The sender died: once its claim expires another process takes the forward over.
+    assert [f.id for f in db.due_forwards(now=at(91))] == [fwd.id]
+    assert db.claim_forward(fwd.id, "w:2", lease_seconds=60, now=at(91))
+    state = db.record_forward_result(job.id, "pacs", ok=True, n_sent=1, max_attempts=3)
+    assert state == JobState.DONE
+    assert not db.claim_forward(fwd.id, "w:3")  # sent: nothing to claim
+
+
+def _claim_forwards(url: str, name: str, ids: list[int]) -> list[int]:
+    database = Database(url)
+    try:
+        return [i for i in ids if database.claim_forward(i, name)]
+    finally:
+        database.close()
+
+
+def test_concurrent_forward_claims_are_exclusive(db: Database, url: str) -> None:
+    queue_jobs(db, 10)
+    while (job := db.claim_next_job("w")) is not None:
+        db.finish_processing(job.id, "2.25.1", "/out", 1, ["pacs", "archive"])
+    ids = [f.id for f in db.due_forwards()]
+    assert len(ids) == 20
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(_claim_forwards, [(url, f"s{i}", ids) for i in range(3)])
+    won = Counter(i for got in results for i in got)
+    assert sorted(won) == sorted(ids) and set(won.values()) == {1}
+
+
+def test_dead_local_workers_are_recognised() -> None:
+    host = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not is_dead_local_worker(f"{host}:{alive.pid}")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert is_dead_local_worker(f"{host}:{alive.pid}")  # reaped: gone
+    assert not is_dead_local_worker(f"{host}:{os.getpid()}")  # ourselves
+    assert not is_dead_local_worker(f"other-{host}:{alive.pid}")  # not ours to judge
+    assert not is_dead_local_worker("no-pid-here")

@@ -1,0 +1,104 @@
+"""The fused inference graph computes what the Keras networks compute, in every precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import BUNDLED_WEIGHTS
+from pydicom.data import get_testdata_file
+
+from ldct_node.dicomio import decode_hu
+from ldct_node.model.cascade import Cascade
+from ldct_node.model.fused import compile_cascade, fold_drl
+from ldct_node.model.networks import build_cnn10, build_drl
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def keras_cascade(untrained_weights: Path) -> Cascade:
+    return Cascade.load(untrained_weights, batch_size=2, engine="keras")
+
+
+@pytest.fixture(scope="module")
+def fused_cascade(untrained_weights: Path) -> Cascade:
+    return Cascade.load(untrained_weights, batch_size=2)
+
+
+def test_fused_is_the_default_for_drl_and_keras_stays_selectable(
+    keras_cascade: Cascade, fused_cascade: Cascade
+) -> None:
+    assert fused_cascade.engine == "fused"
+    assert keras_cascade.engine == "keras"
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 40, 72)])
+def test_fused_float32_matches_keras(
+    keras_cascade: Cascade, fused_cascade: Cascade, shape: tuple[int, int, int]
+) -> None:
+    rng = np.random.default_rng(5)
+    hu = rng.normal(40, 60, shape).astype(np.float32)
+    hu[:, :3] = -1000.0
+    ref = keras_cascade.denoise(hu)
+    out = fused_cascade.denoise(hu)
+    # The untrained head changes pixels by hundreds of HU; folding BN is exact up to
+    # float32 rounding.
+    assert _rms(ref, hu) > 10.0
+    np.testing.assert_allclose(out, ref, atol=0.05)
+
+
+def test_batch_norm_statistics_are_folded(untrained_weights: Path) -> None:
+    # Non-trivial moving statistics make a wrong fold visible.
+    net = build_drl()
+    rng = np.random.default_rng(1)
+    for layer in net.layers:
+        if layer.name.endswith("_bn"):
+            gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                    rng.normal(0, 0.1, beta.shape).astype(np.float32),
+                    rng.normal(0, 0.2, mean.shape).astype(np.float32),
+                    rng.uniform(0.5, 2.0, var.shape).astype(np.float32),
+                ]
+            )
+    head = net.get_layer("conv7")
+    kernel, bias = head.get_weights()
+    head.set_weights([rng.uniform(-0.05, 0.05, kernel.shape).astype(np.float32), bias])
+    zero = build_drl(residual=False)  # second network: predicts no difference
+    fn = compile_cascade(net, zero)
+    assert fn is not None
+    x = rng.uniform(0.2, 0.4, (2, 33, 47, 1)).astype(np.float32)
+    expected = np.asarray(net.predict_on_batch(x))
+    np.testing.assert_allclose(fn(x), expected, atol=2e-5)
+
+
+def test_other_architectures_fall_back_to_keras() -> None:
+    assert fold_drl(build_cnn10()) is None
+    assert compile_cascade(build_cnn10(), build_drl()) is None
+    with pytest.raises(ValueError, match="precision"):
+        compile_cascade(build_drl(), build_drl(), precision="int8")
+
+
+def _real_ct_slices() -> np.ndarray:
+    """Real CT (pydicom-data, held out from training): one 512x512 slice."""
+    path = get_testdata_file("693_UNCR.dcm")
+    if path is None:
+        pytest.skip("pydicom-data test files not installed")
+    return decode_hu(pydicom.dcmread(path))[None]
+
+
+def test_bfloat16_within_1_hu_rms_of_float32_on_real_ct() -> None:
+    hu = _real_ct_slices()
+    ref = Cascade.load(BUNDLED_WEIGHTS).denoise(hu)
+    low = Cascade.load(BUNDLED_WEIGHTS, precision="bfloat16")
+    assert low.engine == "fused"
+    out = low.denoise(hu)
+    # The trained cascade changes real slices by tens of HU; bf16 must not add 1 HU.
+    assert _rms(ref, hu) > 5.0
+    assert _rms(out, ref) < 1.0
