@@ -16,6 +16,7 @@ Backend: whatever ``KERAS_BACKEND`` says (tensorflow by default; jax on a GPU bo
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -33,6 +34,14 @@ from _common import BUNDLED_WEIGHTS, ct_volume, report  # noqa: E402
 MATMUL_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
+@functools.cache
+def _tf_matmul() -> Any:
+    """One compiled matmul for the whole run (a new tf.function per call retraces)."""
+    import tensorflow as tf
+
+    return tf.function(tf.linalg.matmul, autograph=False)
+
+
 def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
     """GFLOP/s of an ``n x n`` matmul in ``dtype`` on the active backend (compiled)."""
     import keras
@@ -42,9 +51,7 @@ def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
     b = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype(np.float32), dtype)
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        fn = tf.function(lambda x, y: tf.linalg.matmul(x, y), autograph=False)
+        fn = _tf_matmul()
 
         def run() -> None:
             fn(a, b).numpy()
