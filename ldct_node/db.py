@@ -11,7 +11,7 @@ Job states (DESIGN section 4)::
                                    \\-> done (no destinations)
     running | forwarding -> failed            failed | cancelled -> queued (retry)
     receiving | queued | running | forwarding | failed -> cancelled
-    running -> queued                          (restart: requeue_running / stale heartbeat)
+    running -> queued                          (worker gone: requeue_expired / requeue_owned_by)
 
 Every transition is checked against :data:`ALLOWED_TRANSITIONS` (an illegal one raises
 :class:`TransitionError`, a ``ValueError`` naming both states) and is committed in its

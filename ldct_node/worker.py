@@ -325,8 +325,6 @@ def _write_one(
 #: Seconds between heartbeats of a running job (from a thread of its own, so that a
 #: long batch or a slow read never makes the job look dead).
 HEARTBEAT_SECONDS = 10.0
-#: A running job whose heartbeat is older than this is taken to be orphaned.
-STALE_AFTER_SECONDS = 300.0
 #: Pause after an unexpected error of the loop itself (database down...).
 ERROR_PAUSE_SECONDS = 5.0
 
