@@ -43,6 +43,26 @@ TOOL_TIMEOUT_S = 60
 HAVE_STORESCU = all(shutil.which(t) for t in ("storescu", "echoscu"))
 needs_dcmtk_net = pytest.mark.skipif(not HAVE_STORESCU, reason="DCMTK storescu/echoscu missing")
 HAVE_OPENSSL = shutil.which("openssl") is not None
+needs_openssl = pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl CLI missing")
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 10) -> None:
+    """Terminate a peer process; kill it if it has not exited after ``grace`` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def tls_security(pki: dict[str, Path], *, mutual: bool) -> dict[str, str]:
+    """The ``[security]`` section for DICOM TLS with the node's certificate from
+    :func:`make_test_pki`; ``mutual`` also requires client certificates from its CA."""
+    section = {"tls_cert": str(pki["server_cert"]), "tls_key": str(pki["server_key"])}
+    if mutual:
+        section["tls_ca"] = str(pki["ca"])
+    return section
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pydicom
 import pytest
 import tomli_w
-from _net_util import LOOPBACK, dcmtk, free_port
+from _net_util import LOOPBACK, dcmtk, free_port, stop_process
 
 from ldct_node.db import Database, ReceivedInstance
 from ldct_node.spool import Spool
@@ -108,12 +108,7 @@ def storescp(
             pytest.fail(f"storescp exited with {process.returncode}")
         yield Pacs(port=port, directory=directory, ae_title=ae_title, process=process)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
         log.close()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _net_util import LOOPBACK, free_port
+from _net_util import LOOPBACK, free_port, stop_process
 from _node_util import wait_for
 
 ORTHANC_BIN = shutil.which("Orthanc") or (
@@ -158,10 +158,5 @@ def running_orthanc(
         wait_for(ready, timeout=60, interval=0.2, what="Orthanc's REST API")
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process, grace=30)
         log.close()

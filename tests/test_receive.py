@@ -14,17 +14,18 @@ import pynetdicom
 import pytest
 from _dicom_util import HAVE_DCMTK, compress, make_ct_series
 from _net_util import (
-    HAVE_OPENSSL,
     LOOPBACK,
     dataset_bytes,
     dcmtk,
     make_test_pki,
     needs_dcmtk_net,
+    needs_openssl,
     node_settings,
     raw_part10,
     running_receiver,
     scu_association,
     storescu,
+    tls_security,
 )
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
@@ -255,16 +256,12 @@ def test_host_allow_list(tmp_path: Path) -> None:
 
 
 @needs_dcmtk_net
-@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl CLI missing")
+@needs_openssl
 def test_tls_with_client_certificates(tmp_path: Path) -> None:
     pki = make_test_pki(tmp_path / "pki")
     settings = node_settings(
         tmp_path,
-        security={
-            "tls_cert": str(pki["server_cert"]),
-            "tls_key": str(pki["server_key"]),
-            "tls_ca": str(pki["ca"]),
-        },
+        security=tls_security(pki, mutual=True),
     )
     with running_receiver(settings) as node:
         # A client that connects and never speaks must not block anyone else.

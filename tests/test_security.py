@@ -18,14 +18,15 @@ import pydicom
 import pytest
 from _dicom_util import make_ct_series
 from _net_util import (
-    HAVE_OPENSSL,
     LOOPBACK,
     dcmtk,
     make_test_pki,
     needs_dcmtk_net,
+    needs_openssl,
     node_settings,
     running_receiver,
     scu_association,
+    tls_security,
 )
 from _node_util import cli, needs_storescp, serving, wait_for, write_config
 from _pacs_util import recording_pacs
@@ -37,7 +38,6 @@ from ldct_node.db import Database, JobState
 
 VERIFICATION = UID("1.2.840.10008.1.1")
 CT = UID("1.2.840.10008.5.1.4.1.1.2")
-needs_openssl = pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl CLI missing")
 
 
 def client_tls(pki: dict[str, Path], *, cert_from: dict[str, Path] | None) -> ssl.SSLContext:
@@ -63,7 +63,7 @@ def test_tls_server_certificate_and_plain_connections_refused(tmp_path: Path) ->
     pki = make_test_pki(tmp_path / "pki")
     settings = node_settings(
         tmp_path,
-        security={"tls_cert": str(pki["server_cert"]), "tls_key": str(pki["server_key"])},
+        security=tls_security(pki, mutual=False),
     )
     with running_receiver(settings) as node:
         # Server-only TLS: any client that verifies the node's certificate gets in.
@@ -83,11 +83,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tmp_path:
     other = make_test_pki(tmp_path / "other-ca")  # a CA the node does not trust
     settings = node_settings(
         tmp_path,
-        security={
-            "tls_cert": str(pki["server_cert"]),
-            "tls_key": str(pki["server_key"]),
-            "tls_ca": str(pki["ca"]),
-        },
+        security=tls_security(pki, mutual=True),
     )
     with running_receiver(settings) as node:
         assert echo_over(node.port, client_tls(pki, cert_from=pki))
@@ -106,11 +102,7 @@ def test_mutual_tls_refuses_dcmtk_with_a_certificate_from_another_ca(tmp_path: P
     other = make_test_pki(tmp_path / "other-ca")
     settings = node_settings(
         tmp_path,
-        security={
-            "tls_cert": str(pki["server_cert"]),
-            "tls_key": str(pki["server_key"]),
-            "tls_ca": str(pki["ca"]),
-        },
+        security=tls_security(pki, mutual=True),
     )
     with running_receiver(settings) as node:
 
