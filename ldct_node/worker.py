@@ -89,48 +89,45 @@ def run_cascade(
     """
     if not datasets:
         raise ValueError("datasets is empty: a series needs at least one instance")
-    # Slices of one series nearly always share one size; batch per size when they do not.
-    # Grouping uses the headers, so decoding need not wait for the grouping.
-    by_shape: dict[object, list[int]] = {}
-    for i, ds in enumerate(datasets):
-        by_shape.setdefault((ds.get("Rows"), ds.get("Columns")), []).append(i)
-    order = [i for indices in by_shape.values() for i in indices]
     hu: list[np.ndarray] = [np.empty(0, np.float32)] * len(datasets)
     denoised: list[np.ndarray] = [np.empty(0, np.float32)] * len(datasets)
+
+    def run(batch: list[tuple[int, int | None, np.ndarray]]) -> None:
+        """Denoise frames of one size, as (instance, frame or None, image); an instance
+        is complete once its last frame has gone through the model."""
+        result = cascade.denoise(np.stack([image for _, _, image in batch]), progress=progress)
+        for (owner, frame, _), image in zip(batch, result, strict=True):
+            if frame is None:
+                denoised[owner] = image
+            else:
+                denoised[owner][frame] = image
+            done = frame is None or frame == len(hu[owner]) - 1
+            if done and on_instance is not None:
+                on_instance(owner, hu[owner], denoised[owner])
+
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
-        decoded = {i: decoder.submit(decode_instance_hu, datasets[i]) for i in order}
+        decoded = [decoder.submit(decode_instance_hu, ds) for ds in datasets]
         try:
-            for indices in by_shape.values():
-                # Frames to run, as (instance, frame or None); an instance is complete
-                # once its last frame has gone through the model.
-                pending: list[tuple[int, int | None, np.ndarray]] = []
-                for n, i in enumerate(indices):
-                    volume = decoded.pop(i).result()
-                    hu[i] = volume
-                    denoised[i] = np.empty_like(volume)
-                    if volume.ndim == 3:
-                        pending.extend((i, f, frame) for f, frame in enumerate(volume))
-                    else:
-                        pending.append((i, None, volume))
-                    last = n == len(indices) - 1
-                    while len(pending) >= cascade.batch_size or (last and pending):
-                        batch, pending = (
-                            pending[: cascade.batch_size],
-                            pending[cascade.batch_size :],
-                        )
-                        result = cascade.denoise(
-                            np.stack([image for _, _, image in batch]), progress=progress
-                        )
-                        for (owner, frame, _), image in zip(batch, result, strict=True):
-                            if frame is None:
-                                denoised[owner] = image
-                            else:
-                                denoised[owner][frame] = image
-                            done = frame is None or frame == len(hu[owner]) - 1
-                            if done and on_instance is not None:
-                                on_instance(owner, hu[owner], denoised[owner])
+            # Batches follow the series order; the decoded size (not the header, which
+            # may be garbage) decides where a batch must end.
+            pending: list[tuple[int, int | None, np.ndarray]] = []
+            for i, future in enumerate(decoded):
+                volume = future.result()
+                hu[i] = volume
+                denoised[i] = np.empty_like(volume)
+                frames = list(volume) if volume.ndim == 3 else [volume]
+                for f, image in enumerate(frames):
+                    if pending and pending[0][2].shape != image.shape:
+                        run(pending)
+                        pending = []
+                    pending.append((i, f if volume.ndim == 3 else None, image))
+                    if len(pending) == cascade.batch_size:
+                        run(pending)
+                        pending = []
+            if pending:
+                run(pending)
         except BaseException:
-            for future in decoded.values():
+            for future in decoded:
                 future.cancel()
             raise
     return CascadeOutput(hu=hu, denoised=denoised)

@@ -16,12 +16,12 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ldct_node.config import Settings
 from ldct_node.db import Database, JobState, ReceivedInstance
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicomio import InputError, decode_hu
 from ldct_node.forward import Forwarder
 from ldct_node.model.cascade import Cascade
 from ldct_node.scheduler import NodeScheduler, forward_interval, purge_expired, stability_interval
 from ldct_node.spool import Spool
-from ldct_node.worker import Worker
+from ldct_node.worker import Worker, run_cascade
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 4242}
 
@@ -290,3 +290,31 @@ def test_purge_never_deletes_outside_the_spool(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="older_than_days"):
         purge_expired(db, spool, -1)
     db.close()
+
+
+def test_run_cascade_batches_by_decoded_size_in_series_order(
+    tmp_path: Path, cascade: Cascade
+) -> None:
+    small = make_ct_series(tmp_path / "a", n=3, size=32)
+    large = make_ct_series(tmp_path / "b", n=2, size=48, seed=1)
+    # Sizes alternate: each batch must hold one size only, and the output keep the order.
+    datasets = [pydicom.dcmread(p) for p in (small[0], large[0], small[1], small[2], large[1])]
+    finished: list[int] = []
+    out = run_cascade(datasets, cascade, on_instance=lambda i, _h, _d: finished.append(i))
+    assert sorted(finished) == list(range(5))
+    for ds, src, den in zip(datasets, out.hu, out.denoised, strict=True):
+        np.testing.assert_array_equal(src, decode_hu(ds))
+        assert den.shape == src.shape
+        np.testing.assert_allclose(den, cascade.denoise(src[None])[0], atol=0.5)
+
+
+def test_run_cascade_garbage_geometry_header_is_an_input_error(
+    tmp_path: Path, cascade: Cascade
+) -> None:
+    # Found by the fuzz test: Rows sent with VR SQ once reached the batching as a
+    # Sequence and the job ended as an "internal error" instead of a clear reason.
+    path = make_ct_series(tmp_path, n=1, size=32)[0]
+    ds = pydicom.dcmread(path)
+    ds["Rows"] = pydicom.DataElement(0x00280010, "SQ", pydicom.Sequence([]))
+    with pytest.raises(InputError):
+        run_cascade([ds], cascade)
