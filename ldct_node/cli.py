@@ -333,6 +333,21 @@ def train(
             help="Weights of an earlier run (same data and recipe) whose leading stages to reuse.",
         ),
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start each network from this weights folder's network of the same role "
+            "(fine-tuning, e.g. from the bundled weights).",
+        ),
+    ] = None,
+    lr_schedule: Annotated[
+        str,
+        typer.Option(
+            "--lr-schedule",
+            help="constant (the paper's) or cosine (decays to 1% over each stage).",
+        ),
+    ] = "constant",
     distributed: Annotated[
         bool,
         typer.Option(
@@ -344,7 +359,7 @@ def train(
 ) -> None:
     """Train both networks of the cascade (or a comparison method) and write weights."""
     with _errors():
-        from ldct_node.model.train import METHODS, TrainOptions
+        from ldct_node.model.train import LR_SCHEDULES, METHODS, TrainOptions
         from ldct_node.model.train import train as run_training
 
         if vgg_weights != "imagenet" and not Path(vgg_weights).is_file():
@@ -353,6 +368,12 @@ def train(
             raise UsageError(f"--data: {data} is not a directory")
         if method not in METHODS:
             raise UsageError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise UsageError(
+                f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
+        if init_from is not None and not (init_from / "MANIFEST.json").is_file():
+            raise UsageError(f"--init-from: {init_from} has no MANIFEST.json")
         manifest = run_training(
             TrainOptions(
                 data_dir=data,
@@ -370,6 +391,8 @@ def train(
                 seed=seed,
                 method=method,
                 reuse_from=reuse_from,
+                init_from=init_from,
+                lr_schedule=lr_schedule,
                 distributed=distributed,
             )
         )

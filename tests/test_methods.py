@@ -138,3 +138,79 @@ def test_reuse_needs_the_same_recipe_and_a_shared_stage(
         TrainOptions(data_dir=data, output_dir=tmp_path / "z", method="E").validate()
     res = run_cli("train", "--data", data, "--output", tmp_path / "o", "--method", "E")
     assert res.returncode == 2 and "--method" in res.stderr
+
+
+def _tiny_opts(data: Path, out: Path, **kw: object) -> TrainOptions:
+    base: dict[str, object] = {
+        "epochs_perceptual": 1,
+        "epochs_difference": 1,
+        "batch_size": 4,
+        "learning_rate": 1e-4,
+        "stride": 32,
+        "val_fraction": 0.5,
+        "verbose": 0,
+    }
+    base.update(kw)
+    return TrainOptions(data_dir=data, output_dir=out, **base)  # type: ignore[arg-type]
+
+
+def test_init_from_starts_from_earlier_weights(tmp_path: Path, runs: dict[str, Path]) -> None:
+    data = _paired_data(tmp_path / "data", cases=2, size=64, n=1)
+    # 0 epochs: the network is the earlier run's, unchanged.
+    kept = tmp_path / "kept"
+    manifest = train(_tiny_opts(data, kept, method="A", epochs_difference=0, init_from=runs["A"]))
+    before = _net(runs["A"], "difference").get_weights()  # type: ignore[attr-defined]
+    after = _net(kept, "difference").get_weights()  # type: ignore[attr-defined]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert manifest["data"]["initialised_from"]["stages"] == {
+        "1": str(runs["A"] / "drl_difference.weights.h5")
+    }
+    assert manifest["recipe"]["init_from"] == str(runs["A"])
+
+    # Fine-tuning moves the weights by a few optimizer steps from the earlier ones, not
+    # from a fresh He-normal start (which differs from them by far more).
+    tuned = tmp_path / "tuned"
+    train(_tiny_opts(data, tuned, method="A", init_from=runs["A"], lr_schedule="cosine"))
+    fresh = NETWORK_BUILDERS["drl_difference"]().get_weights()
+    moved = _net(tuned, "difference").get_weights()  # type: ignore[attr-defined]
+    # Convolution kernels only: BN moving statistics jump in one step whatever the start.
+    step = max(
+        float(np.abs(m - b).max()) for m, b in zip(moved, before, strict=True) if m.ndim == 4
+    )
+    assert 0 < step < 1e-3
+    assert float(np.abs(before[0] - fresh[0]).max()) > 0.05
+
+    # A stage with no network of its role and architecture starts from scratch;
+    # none at all is an error.
+    with pytest.raises(ValueError, match="no network with the role"):
+        train(_tiny_opts(data, tmp_path / "none", method="B", init_from=runs["A"]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(_tiny_opts(data, tmp_path / "bad", method="A", lr_schedule="linear"))
+
+
+def test_cli_init_from_checks_the_folder(tmp_path: Path) -> None:
+    data = _paired_data(tmp_path / "data", cases=2, size=64, n=1)
+    result = run_cli(
+        "train", "--data", str(data), "--output", str(tmp_path / "o"),
+        "--init-from", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 2 and "--init-from" in result.stderr
+    result = run_cli(
+        "train", "--data", str(data), "--output", str(tmp_path / "o"),
+        "--lr-schedule", "step",
+    )  # fmt: skip
+    assert result.returncode == 2 and "--lr-schedule" in result.stderr
+
+
+def test_cosine_schedule_decays_to_one_percent(tmp_path: Path) -> None:
+    from ldct_node.model.train import _optimizer
+
+    opts = _tiny_opts(tmp_path, tmp_path, learning_rate=1e-3, lr_schedule="cosine")
+    optimizer = _optimizer(opts, n_train=40, epochs=2)  # 10 steps per epoch
+    lr = []
+    for step in (0, 10, 20):
+        optimizer.iterations.assign(step)
+        lr.append(float(optimizer.learning_rate))
+    assert lr == pytest.approx([1e-3, 0.505e-3, 1e-5], rel=1e-3)
+    constant = _optimizer(_tiny_opts(tmp_path, tmp_path, learning_rate=1e-3), 40, 2)
+    assert float(constant.learning_rate) == pytest.approx(1e-3)

@@ -118,3 +118,11 @@ def test_tiny_training_run_lowers_loss_and_resumes(tmp_path: Path) -> None:
     train(opts, vgg_extractor=extractor)
     assert len(_losses(out / "logs" / "stage1.csv")) == 6
     assert len(_losses(out / "logs" / "stage2.csv")) == 8
+
+
+def test_case_ids_are_relative_paths(tmp_path: Path) -> None:
+    # Two simulations side by side both number their cases from case0: still distinct.
+    _paired_data(tmp_path / "body", cases=2)
+    _paired_data(tmp_path / "qa", cases=2)
+    ids = [c.case_id for c in find_cases(tmp_path)]
+    assert ids == ["body/case0", "body/case1", "qa/case0", "qa/case1"]

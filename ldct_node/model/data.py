@@ -51,7 +51,12 @@ class PairedSlices:
 
 
 def find_cases(data_dir: Path) -> list[PairedCase]:
-    """Find every ``<case>/full_*`` + ``<case>/quarter_*|low_*`` pair below ``data_dir``."""
+    """Find every ``<case>/full_*`` + ``<case>/quarter_*|low_*`` pair below ``data_dir``.
+
+    A case is named by its folder's path relative to ``data_dir`` (``body/sim0001``), so
+    cases of two simulations kept side by side (``body/`` and ``qa/``, both numbering
+    from ``sim0001``) stay distinct in the train/validation split and the manifest.
+    """
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: not a directory")
     cases: list[PairedCase] = []
@@ -67,7 +72,10 @@ def find_cases(data_dir: Path) -> list[PairedCase]:
                 f"{folder}: expected one full_* and one quarter_*/low_* folder, "
                 f"found {[p.name for p in full + low]}"
             )
-        cases.append(PairedCase(case_id=folder.name, full_dir=full[0], low_dir=low[0]))
+        case_id = folder.relative_to(data_dir).as_posix()
+        if case_id == ".":
+            case_id = folder.name
+        cases.append(PairedCase(case_id=case_id, full_dir=full[0], low_dir=low[0]))
     if not cases:
         raise DataError(f"{data_dir}: no <case>/full_* + <case>/quarter_* folder pairs found")
     return cases

@@ -105,6 +105,13 @@ METHOD_DESCRIPTIONS = {
 }
 
 
+LR_SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules of :attr:`TrainOptions.lr_schedule`."""
+
+COSINE_FINAL_FRACTION = 0.01
+"""Where the cosine schedule ends, as a fraction of the initial learning rate."""
+
+
 @dataclass
 class TrainOptions:
     """The training recipe; defaults are the paper's."""
@@ -129,6 +136,13 @@ class TrainOptions:
     #: Weights folder of an earlier run whose leading stages this method shares
     #: (same data and recipe): they are loaded instead of trained again.
     reuse_from: Path | None = None
+    #: Weights folder whose networks (same role and architecture) start this run's
+    #: networks instead of a random initialisation: fine-tuning, e.g. the bundled
+    #: weights on a site's own data. With 0 epochs a stage keeps them unchanged.
+    init_from: Path | None = None
+    #: "constant" (the paper's Adam at ``learning_rate``) or "cosine" (decays from
+    #: ``learning_rate`` to 1 % of it over each stage's epochs).
+    lr_schedule: str = "constant"
     distributed: bool = False
     verbose: int = 1
     extra_provenance: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +159,10 @@ class TrainOptions:
             raise ValueError("max_patches must be >= 1")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
+            )
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -375,6 +393,8 @@ def _apply_stage(
 
 #: Options that do not change what a stage learns (compared by ``--reuse-from``).
 _NOT_RECIPE = ("method", "reuse_from", "distributed")
+#: Recipe keys newer than some manifests, with the value older runs implicitly used.
+_RECIPE_DEFAULTS: dict[str, Any] = {"init_from": None, "lr_schedule": "constant"}
 
 
 def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[Path]:
@@ -391,7 +411,11 @@ def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[
         raise FileNotFoundError(f"{path}: --reuse-from needs a trained weights folder")
     other = json.loads(path.read_text(encoding="utf-8"))
     mine = {k: v for k, v in _recipe(opts).items() if k not in _NOT_RECIPE}
-    theirs = {k: v for k, v in other.get("recipe", {}).items() if k not in _NOT_RECIPE}
+    theirs = {
+        k: v
+        for k, v in {**_RECIPE_DEFAULTS, **other.get("recipe", {})}.items()
+        if k not in _NOT_RECIPE
+    }
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(
@@ -416,6 +440,49 @@ def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[
             f"stage with method {opts.method}"
         )
     return files
+
+
+def _initial_weights(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> dict[int, Path]:
+    """Weights files of ``opts.init_from`` to start stages from, by stage number.
+
+    A stage starts from the network of ``opts.init_from`` with the same role (its name in
+    MANIFEST.json) and architecture; stages without one start from scratch.
+    """
+    if opts.init_from is None:
+        return {}
+    path = opts.init_from / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --init-from needs a trained weights folder")
+    other = json.loads(path.read_text(encoding="utf-8"))
+    found: dict[int, Path] = {}
+    for k, spec in enumerate(stages, start=1):
+        net = other.get("networks", {}).get(spec.role)
+        if net is None or net.get("builder") != spec.builder:
+            logger.info("stage %d (%s): nothing to start from in --init-from", k, spec.role)
+            continue
+        file = opts.init_from / net["file"]
+        if not file.is_file() or sha256_file(file) != net["sha256"]:
+            raise ValueError(f"--init-from: {file} is missing or does not match its sha256")
+        found[k] = file
+    if not found:
+        raise ValueError(
+            f"--init-from: {opts.init_from} has no network with the role and architecture "
+            f"of a stage of method {opts.method}"
+        )
+    return found
+
+
+def _optimizer(opts: TrainOptions, n_train: int, epochs: int) -> Any:
+    """Adam at ``opts.learning_rate``, constant or cosine-decayed over the stage."""
+    import keras
+
+    if opts.lr_schedule == "constant" or epochs == 0:
+        return keras.optimizers.Adam(opts.learning_rate)
+    steps = max(1, epochs * -(-n_train // opts.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        opts.learning_rate, decay_steps=steps, alpha=COSINE_FINAL_FRACTION
+    )
+    return keras.optimizers.Adam(schedule)
 
 
 def distribution_strategy() -> Any:
@@ -508,6 +575,7 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
     if state["stage"] > n_stages:  # a finished run: continue the last stage if asked to
         state = {"stage": n_stages, "epochs_done": state["epochs_done"]}
     reused = _reusable_stages(opts, stages)
+    initial = _initial_weights(opts, stages)
     keras.utils.set_random_seed(opts.seed)
 
     patches = load_patches(opts)
@@ -536,8 +604,11 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
             net.load_weights(str(reused[k - 1]))
             logger.info("stage %d: reusing %s", k, reused[k - 1])
         else:
+            if k in initial:
+                net.load_weights(str(initial[k]))
+                logger.info("stage %d: starting from %s", k, initial[k])
             net.compile(
-                optimizer=keras.optimizers.Adam(opts.learning_rate),
+                optimizer=_optimizer(opts, len(x_train), _stage_epochs(spec, opts)),
                 loss=_stage_loss(spec, opts, vgg_extractor),
                 metrics=["mse"] if spec.loss == "perceptual" else None,
             )
@@ -592,7 +663,13 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
             "n_patches": len(eval_low),
         }
     }
-    extra = {"reused_stages": [str(p) for p in reused]} if reused else {}
+    extra: dict[str, Any] = {"reused_stages": [str(p) for p in reused]} if reused else {}
+    if initial:
+        source = json.loads((opts.init_from / MANIFEST_NAME).read_text(encoding="utf-8"))
+        extra["initialised_from"] = {
+            "model_version": source.get("model_version"),
+            "stages": {str(k): str(p) for k, p in initial.items()},
+        }
     manifest = write_manifest(opts, patches, metrics, history, extra_data=extra)
     last_epochs = _stage_epochs(stages[-1], opts)
     _atomic_write_text(
