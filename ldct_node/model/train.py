@@ -664,7 +664,7 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
         }
     }
     extra: dict[str, Any] = {"reused_stages": [str(p) for p in reused]} if reused else {}
-    if initial:
+    if initial and opts.init_from is not None:
         source = json.loads((opts.init_from / MANIFEST_NAME).read_text(encoding="utf-8"))
         extra["initialised_from"] = {
             "model_version": source.get("model_version"),
