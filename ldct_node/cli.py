@@ -429,6 +429,14 @@ def evaluate(
         Path, typer.Option("--report", help="Folder for report.md, report.json, figure.png.")
     ] = Path("evaluation"),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    record_in: Annotated[
+        Path | None,
+        typer.Option(
+            "--record-in",
+            help="A --weights folder whose MANIFEST.json gets this evaluation "
+            "(the table and the goal checks).",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Measure image quality (PSNR, SSIM, RMSE, noise, CNR, HU bias, MTF50) of methods."""
@@ -444,6 +452,8 @@ def evaluate(
         for folder in weights:
             if not (folder / "MANIFEST.json").is_file():
                 raise UsageError(f"--weights: {folder} has no MANIFEST.json")
+        if record_in is not None and record_in not in weights:
+            raise UsageError(f"--record-in: {record_in} must be one of the --weights folders")
         from ldct_node.model.cascade import Cascade
 
         loaded = {folder: Cascade.load(folder, batch_size=batch_size) for folder in weights}
@@ -467,6 +477,9 @@ def evaluate(
         paths = ev.write_report(summary, report)
         out.print(ev.markdown_report(summary), highlight=False, markup=False, soft_wrap=True)
         out.print(f"report written to {paths['markdown']}, {paths['json']}, {paths['figure']}")
+        if record_in is not None:
+            ev.record_in_manifest(summary, record_in, held_out=str(ldct))
+            out.print(f"evaluation recorded in {record_in / 'MANIFEST.json'}")
 
 
 # --------------------------------------------------------------------------- serve + admin

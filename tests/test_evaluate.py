@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
+from ldct_node.model.cascade import Cascade
 from ldct_node.model.evaluation import (
     Method,
     estimate_noise_hu,
@@ -37,12 +39,23 @@ def test_evaluate_command_reports_every_method(
     heldout: Path, untrained_weights: Path, tmp_path: Path
 ) -> None:
     report = tmp_path / "report"
+    weights = tmp_path / "weights"
+    shutil.copytree(untrained_weights, weights)
     args = ["evaluate", "--ldct", heldout, "--reference", heldout, "--truth", heldout]
-    args += ["--weights", untrained_weights, "--blend", "0", "--blend", "0.3"]
+    args += ["--weights", weights, "--blend", "0", "--blend", "0.3", "--record-in", weights]
     args += ["--report", report] + (["--bm3d"] if HAVE_BM3D else [])
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr
     data = json.loads((report / "report.json").read_text())
+    # --record-in: the same table and goals in the weights' manifest, which still loads.
+    recorded = json.loads((weights / "MANIFEST.json").read_text())["evaluation"]
+    assert recorded["these_weights"] == ["C", "C, blend 0.3"]
+    assert recorded["anatomy"] == data["anatomy"] and recorded["goals"] == data["goals"]
+    assert recorded["held_out"] == str(heldout)
+    assert (
+        Cascade.load(weights).model_version
+        == json.loads((untrained_weights / "MANIFEST.json").read_text())["model_version"]
+    )
     methods = ["C", "C, blend 0.3"] + (["BM3D"] if HAVE_BM3D else [])
     assert data["images"] == ["LDCT", "NDCT", *methods]
     assert data["n_cases"] == {"anatomy": 1, "qa": 1}
@@ -83,6 +96,9 @@ def test_evaluate_usage_errors(heldout: Path, untrained_weights: Path, tmp_path:
     assert res.returncode == 2 and "--ldct" in res.stderr
     res = run_cli("evaluate", "--ldct", heldout, "--reference", heldout, "--weights", tmp_path)
     assert res.returncode == 2 and "MANIFEST.json" in res.stderr
+    args = ["evaluate", "--ldct", heldout, "--reference", heldout]
+    res = run_cli(*args, "--weights", untrained_weights, "--record-in", tmp_path)
+    assert res.returncode == 2 and "--record-in" in res.stderr
     # LDCT series with no NDCT of the same frame of reference: a clear failure.
     qa_low = heldout / "qa" / "sim0001" / "quarter_dose"
     body_full = heldout / "body" / "sim0001" / "full_dose"

@@ -18,9 +18,11 @@ their differences to the NDCT, in a soft-tissue window, like the paper's figure 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -447,6 +449,7 @@ def evaluate(
     summary: dict[str, Any] = {
         "images": names,
         "methods": {meth.name: meth.description for meth in methods},
+        "method_info": {meth.name: meth.info for meth in methods},
         "n_cases": {g: len(next(iter(v.values()), [])) for g, v in groups.items()},
         "n_slices": {
             g: sum(c["n_slices"] for c in per_case.values() if c["kind"] == g) for g in groups
@@ -684,3 +687,50 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def record_in_manifest(
+    summary: dict[str, Any], weights_dir: Path, *, held_out: str
+) -> dict[str, Any]:
+    """Add the evaluation to ``weights_dir/MANIFEST.json`` under ``"evaluation"``.
+
+    Records every image's mean metrics (LDCT, NDCT and each method, so the weights'
+    own rows sit next to what they were compared with), the goal checks, the held-out
+    set and which method names are these weights. The weights files and their sha256
+    are untouched, so the model version stays the same; an earlier evaluation is
+    replaced.
+
+    Returns
+    -------
+    dict
+        The ``"evaluation"`` entry written.
+    """
+    from ldct_node.model.cascade import MANIFEST_NAME
+
+    path = weights_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    mine = [
+        name
+        for name, method in summary.get("method_info", {}).items()
+        if Path(method.get("weights", "")) == weights_dir
+    ]
+    if not mine:
+        raise ValueError(f"weights_dir: {weights_dir} is not one of the evaluated methods")
+    entry = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "held_out": held_out,
+        "these_weights": mine,
+        **{
+            key: summary[key]
+            for key in ("images", "methods", "n_cases", "n_slices", "truth", "anatomy", "qa")
+        },
+        "goals": summary["goals"],
+    }
+    manifest["evaluation"] = _finite(entry)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(
+        json.dumps(manifest, indent=2, allow_nan=False, default=_json_default) + "\n",
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+    return manifest["evaluation"]
