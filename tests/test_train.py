@@ -126,3 +126,21 @@ def test_case_ids_are_relative_paths(tmp_path: Path) -> None:
     _paired_data(tmp_path / "qa", cases=2)
     ids = [c.case_id for c in find_cases(tmp_path)]
     assert ids == ["body/case0", "body/case1", "qa/case0", "qa/case1"]
+
+
+def test_simulation_provenance_of_side_by_side_simulations(tmp_path: Path) -> None:
+    from ldct_node.model.simulate import simulate_dataset
+    from ldct_node.model.train import simulation_provenance
+
+    assert simulation_provenance(tmp_path) is None
+    common = {"n_cases": 1, "slices_per_case": 1, "size": 64, "progress": False}
+    simulate_dataset(tmp_path / "body", seed=1, **common)  # type: ignore[arg-type]
+    simulate_dataset(tmp_path / "qa", seed=2, phantom_kind="qa", **common)  # type: ignore[arg-type]
+    both = simulation_provenance(tmp_path)
+    assert both is not None and sorted(both) == ["body", "qa"]
+    assert both["qa"]["phantom_kind"] == "qa" and both["body"]["seed"] == 1
+    # Per-slice object lists stay out of the manifest; the case records stay in.
+    assert both["qa"]["cases"][0]["case_id"] == "sim0001"
+    assert "slices" not in both["qa"]["cases"][0]
+    one = simulation_provenance(tmp_path / "qa")
+    assert one is not None and one["phantom_kind"] == "qa"

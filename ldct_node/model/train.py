@@ -706,7 +706,6 @@ def write_manifest(
     stamp = dt.datetime.now(dt.UTC)
     prefix = "drlc" if opts.method == "C" else f"ldct{opts.method.lower().replace('-', '')}"
     version = f"{prefix}-{stamp:%Y%m%d}-{''.join(d[:6] for d in digests)}"
-    sim_json = opts.data_dir / "simulation.json"
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "model_version": version,
@@ -736,9 +735,7 @@ def write_manifest(
             "validation_cases": patches.val_cases,
             "n_train_patches": len(patches.train_ldct),
             "n_validation_patches": len(patches.val_ldct),
-            "simulation": (
-                json.loads(sim_json.read_text(encoding="utf-8")) if sim_json.is_file() else None
-            ),
+            "simulation": simulation_provenance(opts.data_dir),
             **opts.extra_provenance,
             **(extra_data or {}),
         },
@@ -754,6 +751,36 @@ def write_manifest(
     _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %s (model version %s)", out / MANIFEST_NAME, version)
     return manifest
+
+
+#: Per-case keys of simulation.json left out of the manifest (per-slice object lists
+#: and file names: large, and the case ids already say which cases were used).
+_BULKY_CASE_KEYS = ("slices", "files")
+
+
+def simulation_provenance(data_dir: Path) -> dict[str, Any] | None:
+    """The ``simulate`` parameters behind the training data, for MANIFEST.json.
+
+    ``data_dir/simulation.json`` when there is one; else every ``simulation.json``
+    below it by relative folder (``{"body": ..., "qa": ...}``); None for data that
+    was not simulated. Per-slice details are dropped from each case.
+    """
+
+    def slim(path: Path) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        record["cases"] = [
+            {k: v for k, v in case.items() if k not in _BULKY_CASE_KEYS}
+            for case in record.get("cases", [])
+        ]
+        return record
+
+    root = data_dir / "simulation.json"
+    if root.is_file():
+        return slim(root)
+    found = sorted(data_dir.rglob("simulation.json"))
+    if not found:
+        return None
+    return {p.parent.relative_to(data_dir).as_posix(): slim(p) for p in found}
 
 
 def pipeline_formula(stages: tuple[StageSpec, ...]) -> str:
