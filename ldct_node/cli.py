@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import Progress
 
 from ldct_node import __version__
@@ -63,7 +64,8 @@ class CommandFailedError(Exception):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages quote paths and names, which may hold [brackets]: never read them as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -462,10 +464,7 @@ def evaluate(
             for folder in weights
             for b in (blend or [0.0])
         ]
-        names = [meth.name for meth in methods]
-        for meth in methods:  # two folders of one method: tell them apart
-            if names.count(meth.name) > 1:
-                meth.name = f"{meth.name} [{Path(meth.info['weights']).name}]"
+        ev.distinguish_names(methods)
         if bm3d:
             methods.append(ev.bm3d_method(bm3d_sigma))
         cases = ev.load_eval_cases(ldct, reference, truth)

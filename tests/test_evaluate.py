@@ -15,6 +15,7 @@ from PIL import Image
 from ldct_node.model.cascade import Cascade
 from ldct_node.model.evaluation import (
     Method,
+    distinguish_names,
     estimate_noise_hu,
     evaluate,
     goal_checks,
@@ -96,6 +97,10 @@ def test_evaluate_usage_errors(heldout: Path, untrained_weights: Path, tmp_path:
     assert res.returncode == 2 and "--ldct" in res.stderr
     res = run_cli("evaluate", "--ldct", heldout, "--reference", heldout, "--weights", tmp_path)
     assert res.returncode == 2 and "MANIFEST.json" in res.stderr
+    # Paths in errors are shown as they are, [brackets] included.
+    odd = tmp_path / "[run 2]"
+    res = run_cli("evaluate", "--ldct", heldout, "--reference", heldout, "--weights", odd)
+    assert res.returncode == 2 and f"{odd} has no MANIFEST.json" in res.stderr.replace("\n", "")
     args = ["evaluate", "--ldct", heldout, "--reference", heldout]
     res = run_cli(*args, "--weights", untrained_weights, "--record-in", tmp_path)
     assert res.returncode == 2 and "--record-in" in res.stderr
@@ -119,6 +124,30 @@ def test_cases_pair_across_separate_folders(heldout: Path) -> None:
     assert summary["qa"]["copy"] == summary["qa"]["LDCT"]
     with pytest.raises(ValueError, match="unique"):
         evaluate([case], [Method("LDCT", lambda hu: hu)])
+
+
+def test_methods_of_one_name_are_told_apart_by_their_folders() -> None:
+    def cascade(folder: str, blend: float = 0.0) -> Method:
+        name = "C" if blend == 0 else f"C, blend {blend:g}"
+        return Method(name, lambda hu: hu, info={"weights": folder, "blend": blend})
+
+    methods = [
+        cascade("/w/runs/C"),
+        cascade("/w/runs/C", 0.3),
+        cascade("/w/old/C"),
+        cascade("/w/old/C", 0.3),
+        cascade("/w/init"),
+        Method("BM3D", lambda hu: hu),
+    ]
+    distinguish_names(methods)
+    assert [m.name for m in methods] == [
+        "C [runs/C]",
+        "C, blend 0.3 [runs/C]",
+        "C [old/C]",
+        "C, blend 0.3 [old/C]",
+        "C [init]",
+        "BM3D",
+    ]
 
 
 def test_goal_checks_compare_with_the_ndct() -> None:

@@ -211,6 +211,28 @@ def cascade_method(
     )
 
 
+def distinguish_names(methods: Sequence[Method]) -> None:
+    """Rename, in place, methods that share a name (several weights folders of one
+    method) by the shortest tail of their weights folder's path that tells them apart:
+    ``C [runs/C]`` and ``C [weights/C]``."""
+    by_name: dict[str, list[Method]] = {}
+    for meth in methods:
+        by_name.setdefault(meth.name, []).append(meth)
+    for group in by_name.values():
+        if len(group) < 2 or any("weights" not in meth.info for meth in group):
+            continue
+        parts = [Path(str(meth.info["weights"])).resolve().parts for meth in group]
+        names = []
+        for i, mine in enumerate(parts):
+            others = [p for j, p in enumerate(parts) if j != i]
+            k = 1  # the fewest trailing folders no other path of the group ends with
+            while k < len(mine) and any(p[-k:] == mine[-k:] for p in others):
+                k += 1
+            names.append(f"{group[i].name} [{'/'.join(mine[-k:])}]")
+        for meth, name in zip(group, names, strict=True):
+            meth.name = name
+
+
 def bm3d_method(sigma_hu: float | None = None) -> Method:
     """BM3D (the ``bm3d`` package) on each slice: the classical baseline.
 

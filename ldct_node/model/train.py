@@ -634,8 +634,10 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
                     )
                     state = {"stage": k + 1, "epochs_done": 0}
         nets.append(net)
-        # The next stage learns from this stage's output.
-        x_train = _apply_stage(spec, net, x_train, opts.batch_size, opts.distributed)
+        # The next stage learns from this stage's output (after the last stage only the
+        # metrics need it, from the validation patches when there are any).
+        if k < n_stages or x_val is None:
+            x_train = _apply_stage(spec, net, x_train, opts.batch_size, opts.distributed)
         if x_val is not None:
             x_val = _apply_stage(spec, net, x_val, opts.batch_size, opts.distributed)
             if k < n_stages:
