@@ -118,10 +118,12 @@ def test_bundled_weights_lower_noise_on_held_out_simulated_slices(kind: str) -> 
     noise_out = float(np.std((out - scan.truth_recon)[region]))
     rmse_in = float(np.sqrt(np.mean((scan.low_dose - scan.full_dose)[region] ** 2)))
     rmse_out = float(np.sqrt(np.mean((out - scan.full_dose)[region] ** 2)))
-    assert noise_out < 0.85 * noise_in, (noise_in, noise_out)
+    # The bundled weights remove more than half of the quarter-dose noise (27 -> 11 HU
+    # in soft tissue when they were trained); a floor with room for other phantoms.
+    assert noise_out < 0.6 * noise_in, (noise_in, noise_out)
     assert rmse_out < rmse_in, (rmse_in, rmse_out)
     if kind == "water":  # denoising must not shift the CT number of water
-        assert abs(float(np.mean(out[region]))) < 10.0
+        assert abs(float(np.mean(out[region]))) < 5.0
 
 
 @pytest.mark.skipif(not (BUNDLED_WEIGHTS / "MANIFEST.json").exists(), reason="no bundled weights")
