@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _dicom_util import make_ct_series
 from conftest import run_cli
 from PIL import Image
+from pydicom.uid import generate_uid
 
 from ldct_node.model.cascade import Cascade
 from ldct_node.model.evaluation import (
@@ -124,6 +126,27 @@ def test_cases_pair_across_separate_folders(heldout: Path) -> None:
     assert summary["qa"]["copy"] == summary["qa"]["LDCT"]
     with pytest.raises(ValueError, match="unique"):
         evaluate([case], [Method("LDCT", lambda hu: hu)])
+
+
+def test_noise_and_rmse_of_known_noise_levels(tmp_path: Path) -> None:
+    """Series with Gaussian noise of known sigma: the report measures those sigmas."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((2, 48, 48), np.float32)
+    truth[:, :4] = -1000.0
+    uids = {"study_uid": generate_uid(), "frame_of_reference_uid": generate_uid()}
+    # Noise is measured against a noiseless reconstruction, as `simulate --truth-recon`
+    # names it.
+    for name, sigma in (("truth_recon", 0.0), ("full_dose", 10.0), ("quarter_dose", 20.0)):
+        vol = truth + rng.normal(0, sigma, truth.shape).astype(np.float32)
+        make_ct_series(tmp_path / "c1", n=2, size=48, subdir=name, volume_hu=vol, **uids)
+    cases = load_eval_cases(tmp_path, tmp_path, tmp_path)
+    summary = evaluate(cases, [])
+    assert summary["n_cases"]["anatomy"] == 1 and summary["n_slices"]["anatomy"] == 2
+    anatomy = summary["anatomy"]
+    # Stored values are integers, so the measured noise is within rounding of sigma.
+    assert anatomy["NDCT"]["noise_std"] == pytest.approx(10.0, abs=1.0)
+    assert anatomy["LDCT"]["noise_std"] == pytest.approx(20.0, abs=1.5)
+    assert anatomy["LDCT"]["rmse_vs_ndct"] == pytest.approx(np.sqrt(10**2 + 20**2), abs=2.0)
 
 
 def test_methods_of_one_name_are_told_apart_by_their_folders() -> None:

@@ -222,15 +222,12 @@ def distinguish_names(methods: Sequence[Method]) -> None:
         if len(group) < 2 or any("weights" not in meth.info for meth in group):
             continue
         parts = [Path(str(meth.info["weights"])).resolve().parts for meth in group]
-        names = []
-        for i, mine in enumerate(parts):
-            others = [p for j, p in enumerate(parts) if j != i]
+        for meth, mine in zip(group, parts, strict=True):
+            others = [p for p in parts if p is not mine]
             k = 1  # the fewest trailing folders no other path of the group ends with
             while k < len(mine) and any(p[-k:] == mine[-k:] for p in others):
                 k += 1
-            names.append(f"{group[i].name} [{'/'.join(mine[-k:])}]")
-        for meth, name in zip(group, names, strict=True):
-            meth.name = name
+            meth.name = f"{meth.name} [{'/'.join(mine[-k:])}]"
 
 
 def bm3d_method(sigma_hu: float | None = None) -> Method:
