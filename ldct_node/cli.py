@@ -230,11 +230,31 @@ def denoise(
 # --------------------------------------------------------------------------- simulate
 
 
+def _parse_slice_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        bounds = (int(first), int(last))
+    except ValueError:
+        raise UsageError(f"--slice-range: expected FIRST:LAST (e.g. 1:60), got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise UsageError(f"--slice-range: need 1 <= FIRST <= LAST, got {text!r}")
+    return bounds
+
+
 @app.command()
 def simulate(
     output: Annotated[Path, typer.Option("--output", help="Folder for the paired series.")],
     cases: Annotated[int, typer.Option("--cases", min=1, help="Number of cases.")] = 4,
-    slices: Annotated[int, typer.Option("--slices", min=1, help="Slices per case.")] = 8,
+    slices: Annotated[
+        int | None,
+        typer.Option(
+            "--slices",
+            min=1,
+            help="Slices per case (default 8; with --slice-range, the whole range).",
+        ),
+    ] = None,
     size: Annotated[int, typer.Option("--size", min=32, help="Slice size in pixels.")] = 256,
     dose_fraction: Annotated[
         float, typer.Option("--dose-fraction", min=0.01, max=1.0, help="Low-dose fraction.")
@@ -262,6 +282,24 @@ def simulate(
         typer.Option("--truth-recon", help="Also write the noiseless reconstruction."),
     ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel processes.")] = 1,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(
+            "--pixel-size",
+            min=0.05,
+            help="--source: resample to this pixel size (mm) on a --size canvas.",
+        ),
+    ] = None,
+    slice_range: Annotated[
+        str | None,
+        typer.Option(
+            "--slice-range",
+            help="--source: FIRST:LAST (1-based, inclusive, in position order) of each series.",
+        ),
+    ] = None,
+    slice_step: Annotated[
+        int, typer.Option("--slice-step", min=1, help="--source: every Nth slice.")
+    ] = 1,
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with _errors():
@@ -271,7 +309,11 @@ def simulate(
             raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
         if phantom not in ("body", "water", "qa"):
             raise UsageError(f"--phantom: expected body, water or qa, got {phantom!r}")
+        if not source and (pixel_size is not None or slice_range is not None or slice_step > 1):
+            raise UsageError("--pixel-size, --slice-range, --slice-step: only with --source")
         kwargs: dict[str, Any] = {}
+        if slice_range is not None:
+            kwargs["slice_range"] = _parse_slice_range(slice_range)
         if i0 is not None:
             kwargs["i0"] = i0
         if electronic_noise is not None:
@@ -289,6 +331,8 @@ def simulate(
             phantom_kind=phantom,
             write_truth_recon=truth_recon,
             workers=workers,
+            pixel_size_mm=pixel_size,
+            slice_step=slice_step,
             **kwargs,
         )
         out.print(f"wrote {len(written)} cases to {output}")
@@ -343,6 +387,13 @@ def train(
             "(fine-tuning, e.g. from the bundled weights).",
         ),
     ] = None,
+    perceptual_norm: Annotated[
+        str,
+        typer.Option(
+            "--perceptual-norm",
+            help="none (the literal VGG term) or calibrated (in MSE units of the pairs).",
+        ),
+    ] = "none",
     lr_schedule: Annotated[
         str,
         typer.Option(
@@ -361,6 +412,7 @@ def train(
 ) -> None:
     """Train both networks of the cascade (or a comparison method) and write weights."""
     with _errors():
+        from ldct_node.model.losses import PERCEPTUAL_NORMS
         from ldct_node.model.train import LR_SCHEDULES, METHODS, TrainOptions
         from ldct_node.model.train import train as run_training
 
@@ -373,6 +425,11 @@ def train(
         if lr_schedule not in LR_SCHEDULES:
             raise UsageError(
                 f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
+        if perceptual_norm not in PERCEPTUAL_NORMS:
+            raise UsageError(
+                f"--perceptual-norm: expected one of {', '.join(PERCEPTUAL_NORMS)}, "
+                f"got {perceptual_norm!r}"
             )
         if init_from is not None and not (init_from / "MANIFEST.json").is_file():
             raise UsageError(f"--init-from: {init_from} has no MANIFEST.json")
@@ -395,6 +452,7 @@ def train(
                 reuse_from=reuse_from,
                 init_from=init_from,
                 lr_schedule=lr_schedule,
+                perceptual_norm=perceptual_norm,
                 distributed=distributed,
             )
         )
@@ -421,6 +479,15 @@ def evaluate(
     blend: Annotated[
         list[float] | None,
         typer.Option("--blend", min=0.0, max=1.0, help="Blend(s) with the input; repeatable."),
+    ] = None,
+    hu_fidelity: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--hu-fidelity-mm",
+            min=0.0,
+            max=20.0,
+            help="Output profile hu_fidelity_mm value(s) to evaluate; repeatable.",
+        ),
     ] = None,
     bm3d: Annotated[bool, typer.Option("--bm3d", help="Add BM3D as a baseline.")] = False,
     bm3d_sigma: Annotated[
@@ -460,8 +527,9 @@ def evaluate(
 
         loaded = {folder: Cascade.load(folder, batch_size=batch_size) for folder in weights}
         methods = [
-            ev.cascade_method(folder, blend=b, cascade=loaded[folder])
+            ev.cascade_method(folder, blend=b, hu_fidelity_mm=f, cascade=loaded[folder])
             for folder in weights
+            for f in (hu_fidelity or [0.0])
             for b in (blend or [0.0])
         ]
         ev.distinguish_names(methods)

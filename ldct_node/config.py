@@ -116,6 +116,9 @@ class ModelSettings(_Section):
 class OutputProfile(_Section):
     name: str = "denoised"
     blend: float = Field(0.0, ge=0.0, le=1.0)
+    # Sigma (mm) of the low-pass that keeps the output's CT numbers on the input's
+    # (ldct_node.model.fidelity); 0 = off.
+    hu_fidelity_mm: float = Field(0.0, ge=0.0, le=20.0)
     series_description_suffix: str = " [LDCT denoised]"
     series_number_offset: int = 1000
     # Routing (see ldct_node.routing): where this profile's series go and which source
@@ -125,7 +128,7 @@ class OutputProfile(_Section):
     series_descriptions: list[str] = Field(default_factory=list)
     convolution_kernels: list[str] = Field(default_factory=list)
 
-    @field_validator("blend", mode="before")
+    @field_validator("blend", "hu_fidelity_mm", mode="before")
     @classmethod
     def _int_ok(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -355,9 +355,15 @@ def derive_instance(
     out.SeriesDescription = _series_description(source, profile.series_description_suffix)
 
     # Derivation.
+    fidelity = (
+        f"; CT numbers kept on the input's above {profile.hu_fidelity_mm:g} mm"
+        if profile.hu_fidelity_mm > 0
+        else ""
+    )
     description = (
         f"{algorithm}; model {model_version}; blend {profile.blend:g} "
-        f"(output = (1 - blend) * denoised + blend * input); {NODE_NAME} {__version__}"
+        f"(output = (1 - blend) * denoised + blend * input){fidelity}; "
+        f"{NODE_NAME} {__version__}"
     )
     previous = str(source.get("DerivationDescription", "") or "")
     if previous:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom import dcmread
@@ -644,6 +644,27 @@ def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return values if values.shape == (n,) and np.isfinite(values).all() else None
+
+
+def pixel_spacing_mm(ds: Dataset) -> float | None:
+    """In-plane pixel size (mean of row and column spacing) in mm, from PixelSpacing or,
+    for multi-frame instances, the shared or first per-frame Pixel Measures; None when
+    absent or unusable."""
+    candidates: list[Any] = [ds.get("PixelSpacing")]
+    for groups_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(groups_keyword)
+        if groups:
+            measures = groups[0].get("PixelMeasuresSequence")
+            if measures:
+                candidates.append(measures[0].get("PixelSpacing"))
+    for value in candidates:
+        try:
+            pair = [float(v) for v in value]
+        except (TypeError, ValueError):
+            continue
+        if len(pair) == 2 and all(np.isfinite(v) and v > 0 for v in pair):
+            return (pair[0] + pair[1]) / 2.0
+    return None
 
 
 def slice_normal(ds: Dataset) -> np.ndarray | None:

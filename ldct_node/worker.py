@@ -31,9 +31,10 @@ from ldct_node import monitoring
 from ldct_node.config import DicomSettings, OutputProfile, Settings
 from ldct_node.db import Database, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
-from ldct_node.dicomio import InputError, decode_hu, read_instance
+from ldct_node.dicomio import InputError, decode_hu, pixel_spacing_mm, read_instance
 from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.model.fidelity import restore_low_frequency
 from ldct_node.routing import destinations_for
 from ldct_node.spool import Spool
 
@@ -209,7 +210,7 @@ class DerivedWriter:
         return [
             _write_one(
                 ds,
-                blend_with_input(denoised, hu, profile.blend),
+                profile_image(ds, hu, denoised, profile),
                 profile,
                 self.model_version,
                 self.dicom,
@@ -285,6 +286,24 @@ def denoise_series(
     with DerivedWriter(datasets, profiles, dicom, output_root, cascade.model_version) as writer:
         run_cascade(datasets, cascade, progress=progress, on_instance=writer.submit)
         return writer.finish()
+
+
+def profile_image(
+    source: Dataset, hu: np.ndarray, denoised: np.ndarray, profile: OutputProfile
+) -> np.ndarray:
+    """The HU image one output profile derives: the cascade's output, its CT numbers
+    kept on the input's at scales above ``hu_fidelity_mm``, then blended."""
+    image = denoised
+    if profile.hu_fidelity_mm > 0:
+        spacing = pixel_spacing_mm(source)
+        if spacing is None:
+            raise InputError(
+                f"instance {source.get('SOPInstanceUID', '?')}: no usable PixelSpacing, "
+                f"needed by output profile {profile.name!r} (hu_fidelity_mm "
+                f"{profile.hu_fidelity_mm:g})"
+            )
+        image = restore_low_frequency(denoised, hu, spacing, profile.hu_fidelity_mm)
+    return blend_with_input(image, hu, profile.blend)
 
 
 def _write_one(

@@ -194,20 +194,44 @@ def load_eval_cases(
 
 
 def cascade_method(
-    weights_dir: Path, *, blend: float = 0.0, batch_size: int = 4, cascade: Any | None = None
+    weights_dir: Path,
+    *,
+    blend: float = 0.0,
+    hu_fidelity_mm: float = 0.0,
+    batch_size: int = 4,
+    cascade: Any | None = None,
 ) -> Method:
-    """The network pipeline in ``weights_dir`` (any method its MANIFEST.json names);
-    pass ``cascade`` (already loaded from there) to share one across blends."""
-    from ldct_node.model.cascade import Cascade
+    """The network pipeline in ``weights_dir`` (any method its MANIFEST.json names),
+    with an output profile's ``hu_fidelity_mm`` and ``blend``; pass ``cascade`` (already
+    loaded from there) to share one across profiles."""
+    from ldct_node.model.cascade import Cascade, blend_with_input
+    from ldct_node.model.fidelity import restore_low_frequency
 
     if cascade is None:
         cascade = Cascade.load(weights_dir, batch_size=batch_size)
-    name = cascade.method if blend == 0 else f"{cascade.method}, blend {blend:g}"
+    parts = [cascade.method]
+    if hu_fidelity_mm > 0:
+        parts.append(f"fidelity {hu_fidelity_mm:g} mm")
+    if blend > 0:
+        parts.append(f"blend {blend:g}")
+
+    def run_case(case: EvalCase) -> np.ndarray:
+        out = cascade.denoise(case.ldct)
+        if hu_fidelity_mm > 0:
+            out = restore_low_frequency(out, case.ldct, case.pixel_spacing_mm, hu_fidelity_mm)
+        return blend_with_input(out, case.ldct, blend)
+
     return Method(
-        name=name,
+        name=", ".join(parts),
         run=lambda hu: cascade.denoise(hu, blend=blend),
         description=f"{weights_dir} ({cascade.model_version})",
-        info={"weights": str(weights_dir), "model_version": cascade.model_version, "blend": blend},
+        info={
+            "weights": str(weights_dir),
+            "model_version": cascade.model_version,
+            "blend": blend,
+            "hu_fidelity_mm": hu_fidelity_mm,
+        },
+        run_case=run_case if hu_fidelity_mm > 0 else None,
     )
 
 

@@ -261,15 +261,22 @@ class PerceptualMSELoss(keras.losses.Loss):
         extractor: keras.Model,
         perceptual_weight: float = DEFAULT_PERCEPTUAL_WEIGHT,
         name: str = "perceptual_mse",
+        perceptual_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         _check_extractor(extractor)
         weight = float(perceptual_weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"perceptual_weight must be finite and >= 0, got {perceptual_weight}")
+        scale = float(perceptual_scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"perceptual_scale must be finite and > 0, got {perceptual_scale}")
         super().__init__(name=name, **kwargs)
         self.extractor = extractor
-        self.perceptual_weight = weight
+        # The perceptual distance is divided by ``perceptual_scale`` before weighting
+        # (see calibrate_perceptual_scale): 1 is the literal, unnormalised term.
+        self.perceptual_weight = weight / scale
+        self.perceptual_scale = scale
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-sample loss, shape ``(batch,)``."""
@@ -283,15 +290,72 @@ class PerceptualMSELoss(keras.losses.Loss):
     def get_config(self) -> dict[str, Any]:
         """Serialisable settings; the extractor itself is not included."""
         config: dict[str, Any] = super().get_config()
-        config["perceptual_weight"] = self.perceptual_weight
+        config["perceptual_weight"] = self.perceptual_weight * self.perceptual_scale
+        config["perceptual_scale"] = self.perceptual_scale
         return config
 
 
 def make_perceptual_mse_loss(
-    extractor: keras.Model, perceptual_weight: float = DEFAULT_PERCEPTUAL_WEIGHT
+    extractor: keras.Model,
+    perceptual_weight: float = DEFAULT_PERCEPTUAL_WEIGHT,
+    perceptual_scale: float = 1.0,
 ) -> PerceptualMSELoss:
-    """Network 1's training loss: ``MSE + perceptual_weight x perceptual``.
+    """Network 1's training loss: ``MSE + perceptual_weight x perceptual / scale``.
 
     See :class:`PerceptualMSELoss`; usable directly as ``model.compile(loss=...)``.
     """
-    return PerceptualMSELoss(extractor, perceptual_weight=perceptual_weight)
+    return PerceptualMSELoss(
+        extractor, perceptual_weight=perceptual_weight, perceptual_scale=perceptual_scale
+    )
+
+
+PERCEPTUAL_NORMS = ("none", "calibrated")
+"""How the perceptual term is scaled: literal, or in MSE units of the training pairs."""
+
+
+def calibrate_perceptual_scale(
+    extractor: keras.Model, ldct: Any, ndct: Any, batch_size: int = 32
+) -> float:
+    """Perceptual distance per unit of MSE between the training pairs.
+
+    ``mean perceptual(ndct, ldct) / mean mse(ndct, ldct)`` over the given patches.
+    Dividing the perceptual term by it expresses the term in MSE units of the data's
+    own noise, so ``perceptual_weight = 0.1`` makes the term weigh a tenth of the MSE
+    at the start of training, as a weight of 0.1 reads; the literal term outweighs the
+    MSE about 10^6 times (module docstring).
+
+    Parameters
+    ----------
+    extractor
+        See :func:`perceptual_distance`.
+    ldct, ndct
+        Paired patches ``(n, h, w, 1)`` in the model range, n >= 1.
+
+    Returns
+    -------
+    float
+        The scale, > 0.
+
+    Raises
+    ------
+    ValueError
+        If the patches differ in shape, are empty, or are identical (no MSE to measure).
+    """
+    import numpy as np
+
+    ldct = np.asarray(ldct, dtype=np.float32)
+    ndct = np.asarray(ndct, dtype=np.float32)
+    if ldct.shape != ndct.shape or ldct.ndim != 4 or len(ldct) == 0:
+        raise ValueError(
+            f"ldct, ndct: need equal non-empty (n, h, w, 1) arrays, got {ldct.shape} and "
+            f"{ndct.shape}"
+        )
+    perceptual = 0.0
+    squared = 0.0
+    for start in range(0, len(ldct), batch_size):
+        a, b = ndct[start : start + batch_size], ldct[start : start + batch_size]
+        perceptual += float(ops.sum(perceptual_distance(extractor, a, b)))
+        squared += float(ops.sum(mse(a, b)))
+    if not squared > 0 or not perceptual > 0:
+        raise ValueError("ldct, ndct: the pairs do not differ; nothing to calibrate on")
+    return perceptual / squared

@@ -68,6 +68,9 @@ GEOMETRIES = ("parallel", "fan")
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 PHANTOM_KINDS = ("body", "water", "qa")
 
+DEFAULT_SLICES_PER_CASE = 8
+"""Slices per case when neither a count nor a slice range is given."""
+
 # Sub-bins per detector bin in the forward projector; 8 keeps the projection error
 # below that of scikit-image's rotation-based radon at a fraction of its cost.
 _UPSAMPLE = 8
@@ -1410,6 +1413,7 @@ class _SliceTask:
     phantom_kind: str
     source_path: str | None
     resample_to: int | None
+    pixel_size_mm: float | None
     dose_fraction: float
     i0: float | None
     electronic_noise: float | None
@@ -1428,8 +1432,16 @@ class _SliceResult:
     objects: dict[str, Any] | None = None
 
 
-def _load_source_slice(path: str, resample_to: int | None) -> tuple[np.ndarray, float]:
-    """HU image and pixel spacing of one source instance (resampled when asked)."""
+def _load_source_slice(
+    path: str, resample_to: int | None, pixel_size_mm: float | None = None
+) -> tuple[np.ndarray, float]:
+    """HU image and pixel spacing of one source instance (resampled when asked).
+
+    ``pixel_size_mm`` resamples to that pixel size and centres the image on a square
+    canvas of ``resample_to`` pixels (air around it, or a central crop): the anatomy
+    keeps its size in mm. Without it, ``resample_to`` scales the padded square image
+    to that many pixels (the field of view is kept).
+    """
     from pydicom import dcmread
     from skimage.transform import resize
 
@@ -1441,11 +1453,30 @@ def _load_source_slice(path: str, resample_to: int | None) -> tuple[np.ndarray, 
     if abs(spacing[0] - spacing[1]) > 0.01 * spacing[0]:
         raise ValueError(f"source_series: {path} has non-square pixels {spacing}")
     pixel = spacing[0]
+    if pixel_size_mm is not None:
+        if resample_to is None:
+            raise ValueError("resample_to: needed with pixel_size_mm (the canvas size)")
+        scale = pixel / pixel_size_mm
+        shape = (max(1, round(hu.shape[0] * scale)), max(1, round(hu.shape[1] * scale)))
+        if shape != hu.shape:
+            hu = resize(hu, shape, order=1, anti_aliasing=scale < 1.0, mode="edge")
+        return _fit_canvas(hu, resample_to), float(pixel_size_mm)
     if resample_to is not None and hu.shape != (resample_to, resample_to):
         side = max(hu.shape)
         pixel = pixel * side / resample_to
         hu = resize(_pad_square(hu), (resample_to, resample_to), order=1, anti_aliasing=True)
     return hu, pixel
+
+
+def _fit_canvas(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` centred on a ``size`` x ``size`` canvas of air, cropped centrally if larger."""
+    out = np.full((size, size), -1000.0, dtype=image.dtype)
+    rows, cols = image.shape
+    src_r = slice(max(0, (rows - size) // 2), max(0, (rows - size) // 2) + min(rows, size))
+    src_c = slice(max(0, (cols - size) // 2), max(0, (cols - size) // 2) + min(cols, size))
+    top, left = max(0, (size - rows) // 2), max(0, (size - cols) // 2)
+    out[top : top + min(rows, size), left : left + min(cols, size)] = image[src_r, src_c]
+    return out
 
 
 def _pad_square(image: np.ndarray) -> np.ndarray:
@@ -1488,7 +1519,7 @@ def _run_slice(task: _SliceTask) -> _SliceResult:
         }
     else:
         objects = None
-        truth, spacing = _load_source_slice(task.source_path, task.resample_to)
+        truth, spacing = _load_source_slice(task.source_path, task.resample_to, task.pixel_size_mm)
     # Values below air (padding outside the scan circle) are air to the scanner.
     truth = np.maximum(truth, -1024.0)
     rows, cols = truth.shape
@@ -1533,13 +1564,47 @@ class _Case:
     slice_spacing_mm: float
     start_z_mm: float
     body_part: str | None
+    #: Source cases: position along the slice normal (mm) and 1-based position index
+    #: in the source series of every slice, so held-out blocks can be checked.
+    source_slices: list[dict[str, Any]] | None = None
+
+
+def _select_slices(
+    usable: list[tuple[Path, Any]],
+    slices_per_case: int | None,
+    slice_range: tuple[int, int] | None,
+    slice_step: int,
+    source: Path,
+) -> list[tuple[Path, Any]]:
+    """The instances of one source series to simulate, in slice-position order.
+
+    ``slice_range`` (1-based, inclusive, in position order) picks a contiguous block,
+    every ``slice_step``-th slice of it; ``slices_per_case`` then caps the count, taken
+    from the middle. Without a range: the central ``slices_per_case`` (default 8).
+    """
+    if slice_range is not None:
+        first, last = slice_range
+        if last > len(usable):
+            raise ValueError(
+                f"slice_range: {first}:{last} is past the {len(usable)} slices of the "
+                f"series under {source}"
+            )
+        block = usable[first - 1 : last : slice_step]
+    else:
+        block = usable[::slice_step]
+    count = len(block) if slices_per_case is None and slice_range is not None else None
+    count = count or min(slices_per_case or DEFAULT_SLICES_PER_CASE, len(block))
+    start = (len(block) - count) // 2
+    return block[start : start + count]
 
 
 def _source_cases(
     sources: Sequence[Path],
     n_cases: int,
-    slices_per_case: int,
+    slices_per_case: int | None,
     template: dict[str, Any],
+    slice_range: tuple[int, int] | None = None,
+    slice_step: int = 1,
 ) -> list[_Case]:
     """One case per CT series found under the sources (at most ``n_cases``)."""
     cases: list[_Case] = []
@@ -1561,8 +1626,7 @@ def _source_cases(
             if not usable:
                 logger.warning("source_series: no axial CT images in a series under %s", source)
                 continue
-            first = (len(usable) - min(slices_per_case, len(usable))) // 2
-            chosen = usable[first : first + slices_per_case]
+            chosen = _select_slices(usable, slices_per_case, slice_range, slice_step, source)
             normal = dicomio.slice_normal(chosen[0][1])
             positions = [dicomio.slice_position(ds, normal) for _, ds in chosen]
             steps = np.diff([p for p in positions if p is not None])
@@ -1583,7 +1647,15 @@ def _source_cases(
                 for i, (path, _) in enumerate(chosen)
             ]
             start = positions[0] if positions[0] is not None else 0.0
-            cases.append(_Case(case_id, index, str(source), tasks, spacing, start, None))
+            order = {str(path): i + 1 for i, (path, _) in enumerate(usable)}
+            where = [
+                {
+                    "index": order[str(path)],
+                    "position_mm": None if pos is None else round(float(pos), 3),
+                }
+                for (path, _), pos in zip(chosen, positions, strict=True)
+            ]
+            cases.append(_Case(case_id, index, str(source), tasks, spacing, start, None, where))
     return cases
 
 
@@ -1637,7 +1709,7 @@ def simulate_dataset(
     output_dir: Path | str,
     *,
     n_cases: int,
-    slices_per_case: int,
+    slices_per_case: int | None = None,
     size: int = 256,
     dose_fraction: float = 0.25,
     i0: float | None = None,
@@ -1651,6 +1723,9 @@ def simulate_dataset(
     slice_thickness_mm: float = 3.0,
     phantom_kind: str = "body",
     resample_sources: bool = False,
+    pixel_size_mm: float | None = None,
+    slice_range: tuple[int, int] | None = None,
+    slice_step: int = 1,
     write_truth_recon: bool = False,
     workers: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
@@ -1679,8 +1754,9 @@ def simulate_dataset(
     n_cases
         Phantom patients to simulate; with ``source_series``, the most series to use.
     slices_per_case
-        Slices per phantom case (``slice_thickness_mm`` apart); with ``source_series``,
-        the most slices taken from the middle of each series.
+        Slices per phantom case (``slice_thickness_mm`` apart; default 8); with
+        ``source_series``, the most slices taken from the middle of each series (or of
+        ``slice_range``; default 8, or the whole range when one is given).
     size
         Phantom image size. Source images keep their own size unless
         ``resample_sources``.
@@ -1705,6 +1781,15 @@ def simulate_dataset(
         ``"body"``, ``"water"`` or ``"qa"`` (see :func:`make_phantom`).
     resample_sources
         Resample source images to ``size`` x ``size`` (after padding to square).
+    pixel_size_mm
+        Resample source images to this pixel size and centre them on a ``size`` x
+        ``size`` canvas (air around, or a central crop): clinical sampling such as
+        0.5-0.8 mm at 512 x 512 from any source.
+    slice_range
+        ``(first, last)``, 1-based and inclusive, in slice-position order: the block of
+        each source series to use (training and held-out blocks of one series).
+    slice_step
+        Take every ``slice_step``-th slice of the series (or of ``slice_range``).
     write_truth_recon
         Also write the FBP of the noiseless sinogram of each slice.
     workers
@@ -1720,9 +1805,20 @@ def simulate_dataset(
     from ldct_node import __version__
 
     out = Path(output_dir)
-    for name, value in (("n_cases", n_cases), ("slices_per_case", slices_per_case)):
+    counts = [("n_cases", n_cases), ("slice_step", slice_step)]
+    if slices_per_case is not None:
+        counts.append(("slices_per_case", slices_per_case))
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if slice_range is not None and (
+        len(slice_range) != 2 or not 1 <= slice_range[0] <= slice_range[1]
+    ):
+        raise ValueError(
+            f"slice_range: must be (first, last) with 1 <= first <= last, got {slice_range!r}"
+        )
+    if pixel_size_mm is not None and not (math.isfinite(pixel_size_mm) and pixel_size_mm > 0):
+        raise ValueError(f"pixel_size_mm: must be > 0, got {pixel_size_mm!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"size: must be an integer >= 16, got {size!r}")
     _check_dose_args(dose_fraction, i0, electronic_noise)
@@ -1740,12 +1836,19 @@ def simulate_dataset(
         raise ValueError(f"workers: must be a positive integer, got {workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
+    sources = [Path(s) for s in source_series] if source_series else []
+    if not sources and (pixel_size_mm is not None or slice_range is not None or slice_step > 1):
+        raise ValueError(
+            "pixel_size_mm, slice_range, slice_step: only for source_series (phantoms are "
+            "sampled by size)"
+        )
     _check_output_dir(out)
 
     template: dict[str, Any] = {
         "seed": int(seed),
         "size": size,
-        "resample_to": size if resample_sources else None,
+        "resample_to": size if resample_sources or pixel_size_mm is not None else None,
+        "pixel_size_mm": None if pixel_size_mm is None else float(pixel_size_mm),
         "dose_fraction": float(dose_fraction),
         "i0": None if i0 is None else float(i0),
         "electronic_noise": None if electronic_noise is None else float(electronic_noise),
@@ -1753,13 +1856,13 @@ def simulate_dataset(
         "geometry": geometry,
         "filter_name": filter_name,
     }
-    sources = [Path(s) for s in source_series] if source_series else []
     if sources:
-        cases = _source_cases(sources, n_cases, slices_per_case, template)
+        cases = _source_cases(sources, n_cases, slices_per_case, template, slice_range, slice_step)
         if not cases:
             raise ValueError("source_series: no usable CT series found")
     else:
-        cases = _phantom_cases(n_cases, slices_per_case, slice_thickness_mm, phantom_kind, template)
+        per_case = slices_per_case or DEFAULT_SLICES_PER_CASE
+        cases = _phantom_cases(n_cases, per_case, slice_thickness_mm, phantom_kind, template)
 
     params: dict[str, Any] = {
         "generator": "ldct-node simulate",
@@ -1783,6 +1886,9 @@ def simulate_dataset(
         "phantom_kind": phantom_kind if not sources else None,
         "source_series": [str(s) for s in sources],
         "resample_sources": resample_sources,
+        "pixel_size_mm": pixel_size_mm,
+        "slice_range": list(slice_range) if slice_range is not None else None,
+        "slice_step": slice_step,
         "folders": {
             "full_dose": FULL_DOSE_DIR,
             "low_dose": low_dose_dir_name(dose_fraction),
@@ -1946,6 +2052,7 @@ def _write_case(
             "low_dose": mean_noise([s.noise_low for s in slices]),
         },
         "starved_ray_fraction": max(s.scan.starved_fraction for s in slices),
+        **({"source_slices": case.source_slices} if case.source_slices is not None else {}),
         # Per slice, in instance order: the phantom's objects of known HU (see Region).
         **(
             {"slices": [s.objects for s in slices]}

@@ -123,6 +123,9 @@ class TrainOptions:
     batch_size: int = 32
     learning_rate: float = 1e-3
     perceptual_weight: float = 0.1
+    #: "none": the literal perceptual distance; "calibrated": divided by its ratio to the
+    #: MSE on the training pairs (losses.calibrate_perceptual_scale).
+    perceptual_norm: str = "none"
     vgg_weights: str = "imagenet"
     patch_size: int = 64
     stride: int = 32
@@ -159,6 +162,13 @@ class TrainOptions:
             raise ValueError("max_patches must be >= 1")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        from ldct_node.model.losses import PERCEPTUAL_NORMS
+
+        if self.perceptual_norm not in PERCEPTUAL_NORMS:
+            raise ValueError(
+                f"perceptual_norm must be one of {', '.join(PERCEPTUAL_NORMS)}, "
+                f"not {self.perceptual_norm!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"
@@ -369,14 +379,34 @@ def patch_metrics(ldct: np.ndarray, ndct: np.ndarray, denoised: np.ndarray) -> d
     }
 
 
-def _stage_loss(spec: StageSpec, opts: TrainOptions, vgg_extractor: Any | None) -> Any:
-    """The loss of one stage: MSE, or MSE + weight x VGG16 perceptual distance."""
+#: Training patch pairs the perceptual scale is calibrated on (a fixed, seeded sample).
+CALIBRATION_PATCHES = 512
+
+
+def _stage_loss(
+    spec: StageSpec, opts: TrainOptions, vgg_extractor: Any | None, patches: PatchSet
+) -> tuple[Any, float | None]:
+    """The loss of one stage (MSE, or MSE + weight x VGG16 perceptual distance) and,
+    with ``perceptual_norm = "calibrated"``, the perceptual scale it divides by."""
     if spec.loss == "mse":
-        return "mse"
-    from ldct_node.model.losses import load_vgg_extractor, make_perceptual_mse_loss
+        return "mse", None
+    from ldct_node.model.losses import (
+        calibrate_perceptual_scale,
+        load_vgg_extractor,
+        make_perceptual_mse_loss,
+    )
 
     extractor = vgg_extractor if vgg_extractor is not None else load_vgg_extractor(opts.vgg_weights)
-    return make_perceptual_mse_loss(extractor, opts.perceptual_weight)
+    scale: float | None = None
+    if opts.perceptual_norm == "calibrated":
+        rng = np.random.default_rng(opts.seed)
+        n = len(patches.train_ldct)
+        pick = np.sort(rng.choice(n, size=min(n, CALIBRATION_PATCHES), replace=False))
+        scale = calibrate_perceptual_scale(
+            extractor, patches.train_ldct[pick], patches.train_ndct[pick], opts.batch_size
+        )
+        logger.info("perceptual term calibrated: %.4g perceptual per unit MSE", scale)
+    return make_perceptual_mse_loss(extractor, opts.perceptual_weight, scale or 1.0), scale
 
 
 def _stage_epochs(spec: StageSpec, opts: TrainOptions) -> int:
@@ -394,7 +424,11 @@ def _apply_stage(
 #: Options that do not change what a stage learns (compared by ``--reuse-from``).
 _NOT_RECIPE = ("method", "reuse_from", "distributed")
 #: Recipe keys newer than some manifests, with the value older runs implicitly used.
-_RECIPE_DEFAULTS: dict[str, Any] = {"init_from": None, "lr_schedule": "constant"}
+_RECIPE_DEFAULTS: dict[str, Any] = {
+    "init_from": None,
+    "lr_schedule": "constant",
+    "perceptual_norm": "none",
+}
 
 
 def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[Path]:
@@ -592,6 +626,7 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
     x_val = patches.val_ldct if has_val else None
     history: dict[str, list[dict[str, float]]] = {}
     stage_rmse: dict[str, float] = {}
+    perceptual_scales: dict[str, float] = {}
     nets: list[Any] = []
     for k, spec in enumerate(stages, start=1):
         net = NETWORK_BUILDERS[spec.builder]()
@@ -607,9 +642,12 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
             if k in initial:
                 net.load_weights(str(initial[k]))
                 logger.info("stage %d: starting from %s", k, initial[k])
+            loss, scale = _stage_loss(spec, opts, vgg_extractor, patches)
+            if scale is not None:
+                perceptual_scales[f"stage{k}"] = scale
             net.compile(
                 optimizer=_optimizer(opts, len(x_train), _stage_epochs(spec, opts)),
-                loss=_stage_loss(spec, opts, vgg_extractor),
+                loss=loss,
                 metrics=["mse"] if spec.loss == "perceptual" else None,
             )
             if opts.resume and (
@@ -666,6 +704,8 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
         }
     }
     extra: dict[str, Any] = {"reused_stages": [str(p) for p in reused]} if reused else {}
+    if perceptual_scales:
+        extra["perceptual_scale"] = perceptual_scales
     if initial and opts.init_from is not None:
         source = json.loads((opts.init_from / MANIFEST_NAME).read_text(encoding="utf-8"))
         extra["initialised_from"] = {
