@@ -526,8 +526,11 @@ def evaluate(
         from ldct_node.model.cascade import Cascade
 
         loaded = {folder: Cascade.load(folder, batch_size=batch_size) for folder in weights}
+        shared: dict[Path, dict[int, Any]] = {folder: {} for folder in weights}
         methods = [
-            ev.cascade_method(folder, blend=b, hu_fidelity_mm=f, cascade=loaded[folder])
+            ev.cascade_method(
+                folder, blend=b, hu_fidelity_mm=f, cascade=loaded[folder], shared=shared[folder]
+            )
             for folder in weights
             for f in (hu_fidelity or [0.0])
             for b in (blend or [0.0])

@@ -45,6 +45,7 @@ def test_bundled_config_is_valid_and_paths_resolve_against_it() -> None:
         ("[node]\nprot = 1\n", "unknown key 'node.prot'"),
         ("[nodes]\nport = 1\n", "unknown key 'nodes'"),
         ("[[outputs]]\nname = 'a'\nblend = 1.5\n", "'outputs[0].blend'"),
+        ("[[outputs]]\nname = 'a'\nhu_fidelity_mm = -1\n", "'outputs[0].hu_fidelity_mm'"),
         ("[[destinations]]\nname = 'p'\nae_title = 'P'\nhost = 'h'\n", "'destinations[0].port'"),
         ("[node]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "'node.ae_title'"),
         ("[security]\nallowed_hosts = ['10.0.0.300']\n", "'security.allowed_hosts'"),

@@ -261,3 +261,27 @@ def test_two_step_fit_trains_the_model_not_the_extractor(extractor: keras.Model)
     assert any(not np.array_equal(b, a) for b, a in zip(before, model.get_weights(), strict=True))
     for b, a in zip(extractor_before, extractor.get_weights(), strict=True):
         np.testing.assert_array_equal(b, a)
+
+
+def test_calibrated_scale_puts_the_perceptual_term_in_mse_units() -> None:
+    from ldct_node.model.losses import calibrate_perceptual_scale, make_perceptual_mse_loss
+
+    extractor = random_vgg_like_extractor(seed=3)
+    rng = np.random.default_rng(0)
+    ndct = rng.uniform(0.2, 0.3, (10, 16, 16, 1)).astype(np.float32)
+    ldct = (ndct + rng.normal(0, 0.01, ndct.shape)).astype(np.float32)
+    scale = calibrate_perceptual_scale(extractor, ldct, ndct, batch_size=4)
+    perceptual = np.asarray(perceptual_distance(extractor, ndct, ldct))
+    squared = np.mean((ldct - ndct) ** 2, axis=(1, 2, 3))
+    assert scale == pytest.approx(float(perceptual.sum() / squared.sum()), rel=1e-4)
+    # With the scale, weight 0.1 makes the term a tenth of the MSE on these pairs.
+    loss = make_perceptual_mse_loss(extractor, 0.1, perceptual_scale=scale)
+    total = float(loss(ndct, ldct))
+    assert total == pytest.approx(1.1 * float(squared.mean()), rel=0.05)
+    assert loss.get_config()["perceptual_weight"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="do not differ"):
+        calibrate_perceptual_scale(extractor, ndct, ndct)
+    with pytest.raises(ValueError, match="ldct, ndct"):
+        calibrate_perceptual_scale(extractor, ldct[:2], ndct)
+    with pytest.raises(ValueError, match="perceptual_scale"):
+        make_perceptual_mse_loss(extractor, 0.1, perceptual_scale=0.0)

@@ -548,3 +548,109 @@ def test_dataset_with_worker_processes_matches_in_process(tmp_path: Path) -> Non
     _, one = _read_series(tmp_path / "one" / "sim0001" / "quarter_dose")
     _, two = _read_series(tmp_path / "two" / "sim0001" / "quarter_dose")
     np.testing.assert_array_equal(one, two)
+
+
+def _write_source(folder: Path, n: int = 10, size: int = 40, spacing: float = 1.0) -> np.ndarray:
+    volume = np.stack(
+        [make_phantom(size, np.random.default_rng(3), slice_z=2.0 * k).image for k in range(n)]
+    )
+    write_ct_series(
+        volume,
+        folder,
+        pixel_spacing_mm=spacing,
+        slice_thickness_mm=2.0,
+        series_description="normal dose",
+        series_number=2,
+        study_uid=generate_uid(),
+        frame_of_reference_uid=generate_uid(),
+        patient_name="REAL^PATIENT",
+        patient_id="123456",
+        start_z_mm=0.0,
+    )
+    return volume
+
+
+def test_source_slice_range_step_and_positions(tmp_path: Path) -> None:
+    """A block of a source series (training vs held-out) with its positions recorded."""
+    volume = _write_source(tmp_path / "ndct")
+    out = tmp_path / "pairs"
+    simulate_dataset(
+        out,
+        n_cases=1,
+        seed=1,
+        source_series=[tmp_path / "ndct"],
+        slice_range=(3, 9),
+        slice_step=3,
+        progress=False,
+    )
+    truth_ds, truth = _read_series(out / "sim0001" / "truth")
+    # slices 3, 6, 9 (1-based) of the series: the whole range, every third slice
+    np.testing.assert_allclose(truth, np.rint(np.maximum(volume[[2, 5, 8]], -1024)), atol=0.5)
+    assert [float(d.ImagePositionPatient[2]) for d in truth_ds] == pytest.approx([4.0, 10.0, 16.0])
+    case = json.loads((out / "simulation.json").read_text())["cases"][0]
+    assert case["source_slices"] == [
+        {"index": 3, "position_mm": 4.0},
+        {"index": 6, "position_mm": 10.0},
+        {"index": 9, "position_mm": 16.0},
+    ]
+    # --slices caps a range from its middle
+    simulate_dataset(
+        tmp_path / "capped",
+        n_cases=1,
+        slices_per_case=2,
+        source_series=[tmp_path / "ndct"],
+        slice_range=(1, 10),
+        progress=False,
+    )
+    capped = json.loads((tmp_path / "capped" / "simulation.json").read_text())["cases"][0]
+    assert [s["index"] for s in capped["source_slices"]] == [5, 6]
+    with pytest.raises(ValueError, match="slice_range: 5:11 is past the 10 slices"):
+        simulate_dataset(
+            tmp_path / "past", n_cases=1, source_series=[tmp_path / "ndct"], slice_range=(5, 11)
+        )
+    with pytest.raises(ValueError, match="slice_range"):
+        simulate_dataset(
+            tmp_path / "bad", n_cases=1, source_series=[tmp_path / "ndct"], slice_range=(4, 2)
+        )
+    with pytest.raises(ValueError, match="only for source_series"):
+        simulate_dataset(tmp_path / "phantom", n_cases=1, slice_range=(1, 2))
+
+
+def test_source_resampled_to_a_pixel_size_keeps_the_anatomy_in_mm(tmp_path: Path) -> None:
+    """--pixel-size 0.5 on a 1 mm source doubles the pixels an object spans; the canvas
+    is --size, air around the anatomy."""
+    volume = _write_source(tmp_path / "ndct", n=2, size=40, spacing=1.0)
+    out = tmp_path / "pairs"
+    simulate_dataset(
+        out,
+        n_cases=1,
+        size=96,
+        pixel_size_mm=0.5,
+        source_series=[tmp_path / "ndct"],
+        progress=False,
+    )
+    truth_ds, truth = _read_series(out / "sim0001" / "truth")
+    assert truth.shape == (2, 96, 96)
+    assert float(truth_ds[0].PixelSpacing[0]) == pytest.approx(0.5)
+    # The body's area in mm^2 is kept (within resampling at its edge) ...
+    area_source = float(np.sum(volume[0] > -500)) * 1.0
+    area_out = float(np.sum(truth[0] > -500)) * 0.25
+    assert area_out == pytest.approx(area_source, rel=0.08)
+    # ... centred, with air around it.
+    assert np.all(truth[0][:4] <= -999) and np.all(truth[0][:, -4:] <= -999)
+    assert np.mean(truth[0][8:88, 8:88]) > np.mean(volume[0]) - 50
+    # A pixel size that does not fit the canvas is cropped centrally.
+    simulate_dataset(
+        tmp_path / "crop",
+        n_cases=1,
+        size=32,
+        pixel_size_mm=0.5,
+        source_series=[tmp_path / "ndct"],
+        progress=False,
+    )
+    _, cropped = _read_series(tmp_path / "crop" / "sim0001" / "truth")
+    assert cropped.shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="pixel_size_mm"):
+        simulate_dataset(
+            tmp_path / "zero", n_cases=1, pixel_size_mm=0.0, source_series=[tmp_path / "ndct"]
+        )

@@ -144,3 +144,30 @@ def test_simulation_provenance_of_side_by_side_simulations(tmp_path: Path) -> No
     assert "slices" not in both["qa"]["cases"][0]
     one = simulation_provenance(tmp_path / "qa")
     assert one is not None and one["phantom_kind"] == "qa"
+
+
+def test_calibrated_perceptual_norm_is_recorded(tmp_path: Path) -> None:
+    data = _paired_data(tmp_path / "data")
+    opts = TrainOptions(
+        data_dir=data,
+        output_dir=tmp_path / "run",
+        epochs_perceptual=1,
+        epochs_difference=0,
+        batch_size=4,
+        learning_rate=2e-5,
+        stride=16,
+        val_fraction=0.34,
+        perceptual_norm="calibrated",
+        verbose=0,
+    )
+    manifest = train(opts, vgg_extractor=random_vgg_like_extractor(seed=0))
+    assert manifest["recipe"]["perceptual_norm"] == "calibrated"
+    scale = manifest["data"]["perceptual_scale"]["stage1"]
+    assert scale > 0
+    # The loss logged in epoch 1 is the MSE plus a term of MSE size (0.1 x MSE at the
+    # LDCT's distance from the target), not one a million times larger.
+    with (tmp_path / "run" / "logs" / "stage1.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["mse"]) < float(row["loss"]) < 3 * float(row["mse"])
+    with pytest.raises(ValueError, match="perceptual_norm"):
+        TrainOptions(data_dir=data, output_dir=tmp_path / "x", perceptual_norm="l2").validate()

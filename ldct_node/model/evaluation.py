@@ -200,15 +200,19 @@ def cascade_method(
     hu_fidelity_mm: float = 0.0,
     batch_size: int = 4,
     cascade: Any | None = None,
+    shared: dict[int, np.ndarray] | None = None,
 ) -> Method:
     """The network pipeline in ``weights_dir`` (any method its MANIFEST.json names),
-    with an output profile's ``hu_fidelity_mm`` and ``blend``; pass ``cascade`` (already
-    loaded from there) to share one across profiles."""
+    with an output profile's ``hu_fidelity_mm`` and ``blend``. Pass ``cascade`` (already
+    loaded from there) and one ``shared`` dict to every profile of one folder: the
+    networks then run once per case, as in the node, and each profile only post-processes.
+    """
     from ldct_node.model.cascade import Cascade, blend_with_input
     from ldct_node.model.fidelity import restore_low_frequency
 
     if cascade is None:
         cascade = Cascade.load(weights_dir, batch_size=batch_size)
+    outputs = shared if shared is not None else {}
     parts = [cascade.method]
     if hu_fidelity_mm > 0:
         parts.append(f"fidelity {hu_fidelity_mm:g} mm")
@@ -216,7 +220,11 @@ def cascade_method(
         parts.append(f"blend {blend:g}")
 
     def run_case(case: EvalCase) -> np.ndarray:
-        out = cascade.denoise(case.ldct)
+        key = id(case.ldct)
+        if key not in outputs:
+            outputs.clear()  # cases come one at a time: keep only the current one
+            outputs[key] = cascade.denoise(case.ldct)
+        out = outputs[key]
         if hu_fidelity_mm > 0:
             out = restore_low_frequency(out, case.ldct, case.pixel_spacing_mm, hu_fidelity_mm)
         return blend_with_input(out, case.ldct, blend)
@@ -231,7 +239,7 @@ def cascade_method(
             "blend": blend,
             "hu_fidelity_mm": hu_fidelity_mm,
         },
-        run_case=run_case if hu_fidelity_mm > 0 else None,
+        run_case=run_case,
     )
 
 
