@@ -113,12 +113,16 @@ class ModelSettings(_Section):
     precision: Literal["float32", "bfloat16", "mixed_float16"] = "float32"
 
 
+DEFAULT_HU_FIDELITY_MM = 2.0
+"""Shipped default of ``[[outputs]] hu_fidelity_mm`` (held-out evaluation at 512x512)."""
+
+
 class OutputProfile(_Section):
     name: str = "denoised"
     blend: float = Field(0.0, ge=0.0, le=1.0)
     # Sigma (mm) of the low-pass that keeps the output's CT numbers on the input's
-    # (ldct_node.model.fidelity); 0 = off.
-    hu_fidelity_mm: float = Field(0.0, ge=0.0, le=20.0)
+    # (ldct_node.model.fidelity); 0 = off. 2 mm chosen by measurement (README).
+    hu_fidelity_mm: float = Field(DEFAULT_HU_FIDELITY_MM, ge=0.0, le=20.0)
     series_description_suffix: str = " [LDCT denoised]"
     series_number_offset: int = 1000
     # Routing (see ldct_node.routing): where this profile's series go and which source

@@ -25,6 +25,7 @@ def test_defaults_match_the_contract() -> None:
     assert (s.model.batch_size, s.model.device, s.model.precision) == (4, "auto", "float32")
     assert [o.name for o in s.outputs] == ["denoised"] and s.outputs[0].blend == 0.0
     assert s.outputs[0].series_number_offset == 1000
+    assert s.outputs[0].hu_fidelity_mm == 2.0  # the measured default (README)
     assert s.destinations == []
     assert s.forward.max_attempts == 10 and s.forward.backoff_seconds == [10, 30, 60, 300, 900]
     assert s.dicom.uid_root == ""

@@ -99,7 +99,7 @@ def test_output_profile_applies_fidelity_then_blend(tmp_path: Path) -> None:
     hu = decode_hu(ds)
     body = ndimage.binary_erosion(hu > -500, iterations=6)
     denoised = np.where(hu > -500, ndimage.gaussian_filter(hu, 2.0) + 15.0, hu)
-    plain = OutputProfile()
+    plain = OutputProfile(hu_fidelity_mm=0.0)
     kept = OutputProfile(name="kept", hu_fidelity_mm=2.4, blend=0.5)
     np.testing.assert_array_equal(profile_image(ds, hu, denoised, plain), denoised)
     out = profile_image(ds, hu, denoised, kept)
