@@ -70,7 +70,11 @@ ABORT_SOURCE_PROVIDER = 0x02
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
+ABORT_REASON_NOT_SPECIFIED = 0x00
 
+#: Seconds a PDU may take from its first byte to its last (inside an association); also
+#: the socket timeout for what pynetdicom sends.
+PDU_READ_TIMEOUT_S = 60.0
 #: Listen backlog: a burst of connections must not push real senders into SYN retries.
 LISTEN_BACKLOG = 128
 #: Seconds an A-ABORT may take to leave before the socket is closed regardless.
@@ -441,7 +445,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             self._refuse(sock, client_address, exc)
             return
         try:
-            sock.settimeout(None)  # pynetdicom polls with select and reads what is ready
+            sock.settimeout(PDU_READ_TIMEOUT_S)  # pynetdicom sends; _GuardedDUL reads by deadline
             _GuardedRequestHandler(sock, client_address, self, replay=replay)
         except Exception as exc:
             logger.error(
@@ -517,14 +521,29 @@ class _ReplaySocket(AssociationSocket):
         return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 
     def recv(self, nr_bytes: int) -> bytearray:
+        return self.recv_by(nr_bytes, time.monotonic() + PDU_READ_TIMEOUT_S)
+
+    def recv_by(self, nr_bytes: int, deadline: float) -> bytearray:
+        """``nr_bytes`` (fewer if the peer closed) by ``deadline``, else TimeoutError."""
         replay = getattr(self, "replay", None)
+        data = bytearray()
         if replay:
-            head = replay[:nr_bytes]
+            data += replay[:nr_bytes]
             del replay[:nr_bytes]
-            if len(head) < nr_bytes:
-                head += super().recv(nr_bytes - len(head))
-            return head
-        return super().recv(nr_bytes)
+        sock = cast(socket.socket, self.socket)
+        try:
+            while len(data) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("PDU")
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(data), 65_536))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
+        return data
 
 
 def _peer(assoc: Association) -> str:
@@ -551,13 +570,26 @@ class _GuardedDUL(DULServiceProvider):
                 pass
         sock.close()  # Evt17: the state machine aborts the association and closes
 
+    def _too_slow(self) -> None:
+        logger.warning(
+            "association from %s aborted: no complete PDU within %g s",
+            _peer(self.assoc),
+            PDU_READ_TIMEOUT_S,
+        )
+        self._abort_and_close(ABORT_REASON_NOT_SPECIFIED)
+
     def _read_pdu_data(self) -> None:
-        sock = cast(AssociationSocket, self.socket)
+        sock = cast(_ReplaySocket, self.socket)
         if self.state_machine.current_state == "Sta13":
             sock.close()  # we have aborted: nothing the peer still sends matters
             return
+        # One deadline for the whole PDU (a trickling peer cannot stretch it per read).
+        deadline = time.monotonic() + PDU_READ_TIMEOUT_S
         try:
-            header = sock.recv(PDU_HEADER_BYTES)
+            header = sock.recv_by(PDU_HEADER_BYTES, deadline)
+        except TimeoutError:
+            self._too_slow()
+            return
         except OSError:
             self.event_queue.put("Evt17")
             return
@@ -584,7 +616,10 @@ class _GuardedDUL(DULServiceProvider):
             self._abort_and_close(ABORT_INVALID_PARAMETER)
             return
         try:
-            body = sock.recv(length)
+            body = sock.recv_by(length, deadline)
+        except TimeoutError:
+            self._too_slow()
+            return
         except OSError:
             self.event_queue.put("Evt17")
             return

@@ -40,6 +40,7 @@ from _net_util import (
     scu_association,
     tls_security,
 )
+from _node_util import wait_for
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -433,6 +434,56 @@ def test_pdu_one_byte_over_the_maximum_aborts_the_association(tmp_path: Path) ->
         assert read_pdu(sock, timeout=5) == (0, b"")  # and closed
 
 
+def test_a_pdu_trickled_inside_an_association_is_aborted_at_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One deadline per PDU (60 s in service, 1.5 s here), not one per read."""
+    monkeypatch.setattr(netguard, "PDU_READ_TIMEOUT_S", 1.5)
+    with (
+        running_receiver(node_settings(tmp_path)) as node,
+        raw_association(node.port) as (sock, answer),
+    ):
+        assert answer == A_ASSOCIATE_AC
+        started = time.monotonic()
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 1000))
+        sock.settimeout(0.3)
+        pdu_type = -1
+        while time.monotonic() - started < 10:
+            try:
+                sock.send(b"\x00")
+                data = sock.recv(16)
+            except TimeoutError:
+                continue
+            except OSError:
+                pdu_type = 0
+                break
+            pdu_type = data[0] if data else 0
+            break
+        closed_after = time.monotonic() - started
+        print(f"\ntrickled P-DATA-TF aborted after {closed_after:.2f} s")
+        assert pdu_type in (A_ABORT, 0)
+        assert 1.5 <= closed_after < 3.0, closed_after
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/storescu"), reason="DCMTK storescu missing")
+def test_full_size_pdus_of_real_senders_pass_the_limit(tmp_path: Path) -> None:
+    """512x512 slices fill PDUs to the node's maximum (262,144): DCMTK and pynetdicom."""
+    files = make_ct_series(tmp_path, n=2, size=512)
+    with running_receiver(node_settings(tmp_path)) as node:
+        result = subprocess.run(
+            ["/usr/bin/storescu", "-aec", node.ae_title, "-to", "20", "-ta", "20", "-td", "20",
+             LOOPBACK, str(node.port), str(files[0])],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        with scu_association(node.port, [CT]) as assoc:
+            assert assoc.acceptor.maximum_length == receive.MAX_PDU_BYTES
+            assert assoc.send_c_store(files[1]).Status == receive.SUCCESS
+        assert len(node.db.list_jobs()) == 1
+        assert node.db.list_jobs()[0].source_instances == 2
+
+
 # ---------------------------------------------------------------- item 5: log hygiene
 
 
@@ -645,6 +696,10 @@ def test_garbage_command_set_aborts_cleanly_and_the_node_keeps_serving(
             assert len(lines) <= 1, [r.getMessage() for r in lines]
         with scu_association(node.port, [VERIFICATION]) as assoc:
             assert assoc.send_c_echo().Status == receive.SUCCESS
-        alive = [a for a in node.server.active_associations if a.is_alive()]
+        # No acceptor thread is left behind, none died with a traceback.
+        wait_for(
+            lambda: not [a for a in node.server.active_associations if a.is_alive()],
+            timeout=5,
+            what="the acceptor threads to end",
+        )
     assert died == []
-    assert alive == []
