@@ -60,6 +60,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Largest A-ASSOCIATE-RQ PDU accepted, header included (real ones are < 4 KiB).
 MAX_ASSOCIATE_RQ_BYTES = 65_536
+#: Cap on PDU lengths when the maximum PDU length is 0 ("unlimited" in PS3.8).
+MAX_UNLIMITED_PDU_BYTES = 16 << 20
 #: PDU header: type (1), reserved (1), length (4, big endian).
 PDU_HEADER_BYTES = 6
 A_ASSOCIATE_RQ_TYPE = 0x01
@@ -416,33 +418,33 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 printable(address[0]),
             )
             raise ConnectionRefusedError("host not allowed")  # socketserver skips it
-        self.pending.admit(client)
         if self.ssl_context is not None:
             try:
                 # Deferred handshake (receive._DeferredHandshakeContext): no I/O here.
-                wrapped = self.ssl_context.wrap_socket(client, server_side=True)
+                client = self.ssl_context.wrap_socket(client, server_side=True)
             except (OSError, ValueError):
-                self.pending.release(client)
                 client.close()
                 raise ConnectionAbortedError("TLS wrap failed") from None
-            self.pending.release(client)
-            self.pending.admit(wrapped)
-            client = wrapped
+        self.pending.admit(client)
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """In the connection's own thread: the pending phase, then pynetdicom's."""
         sock = cast(socket.socket, request)
         deadline = time.monotonic() + self.guard.request_timeout_s
+        refused: _RefusedError | None = None
         try:
-            try:
-                replay = read_association_request(sock, deadline, self.guard.max_request_bytes)
-            finally:
-                still_ours = self.pending.release(sock)
-            if not still_ours:
-                raise _RefusedError("evicted", "closed to make room (pending slots full)")
+            replay = read_association_request(sock, deadline, self.guard.max_request_bytes)
         except _RefusedError as exc:
-            self._refuse(sock, client_address, exc)
+            refused = exc
+        except Exception as exc:  # whatever it is, the slot comes back and one line says it
+            refused = _RefusedError("error", f"failed ({type(exc).__name__})")
+        if not self.pending.release(sock):
+            refused = _RefusedError(
+                "evicted", "closed to make room (all security.max_pending_connections taken)"
+            )
+        if refused is not None:
+            self._refuse(sock, client_address, refused)
             return
         try:
             sock.settimeout(PDU_READ_TIMEOUT_S)  # pynetdicom sends; _GuardedDUL reads by deadline
@@ -558,7 +560,7 @@ class _GuardedDUL(DULServiceProvider):
     def _pdu_limit(self) -> int:
         if self.state_machine.current_state in ("Sta1", "Sta2"):
             return MAX_ASSOCIATE_RQ_BYTES - PDU_HEADER_BYTES
-        return int(self.assoc.acceptor.maximum_length or MAX_ASSOCIATE_RQ_BYTES)
+        return int(self.assoc.acceptor.maximum_length or MAX_UNLIMITED_PDU_BYTES)
 
     def _abort_and_close(self, reason: int) -> None:
         sock = cast(AssociationSocket, self.socket)
