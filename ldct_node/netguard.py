@@ -548,7 +548,8 @@ class _ReplaySocket(AssociationSocket):
         return data
 
 
-def _peer(assoc: Association) -> str:
+def peer_label(assoc: Association) -> str:
+    """``AE@address:port`` of the requestor, escaped for the log."""
     requestor = assoc.requestor
     title = printable(str(requestor.ae_title or "").strip()) or "?"
     return f"{title}@{printable(requestor.address)}:{requestor.port}"
@@ -575,7 +576,7 @@ class _GuardedDUL(DULServiceProvider):
     def _too_slow(self) -> None:
         logger.warning(
             "association from %s aborted: no complete PDU within %g s",
-            _peer(self.assoc),
+            peer_label(self.assoc),
             PDU_READ_TIMEOUT_S,
         )
         self._abort_and_close(ABORT_REASON_NOT_SPECIFIED)
@@ -601,7 +602,9 @@ class _GuardedDUL(DULServiceProvider):
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in KNOWN_PDU_TYPES:
             logger.warning(
-                "association from %s aborted: unknown PDU type 0x%02X", _peer(self.assoc), pdu_type
+                "association from %s aborted: unknown PDU type 0x%02X",
+                peer_label(self.assoc),
+                pdu_type,
             )
             self._abort_and_close(ABORT_UNRECOGNIZED_PDU)
             return
@@ -610,7 +613,7 @@ class _GuardedDUL(DULServiceProvider):
             logger.warning(
                 "association from %s aborted: PDU of type 0x%02X claims %d bytes, "
                 "more than the maximum %d",
-                _peer(self.assoc),
+                peer_label(self.assoc),
                 pdu_type,
                 length,
                 limit,
@@ -633,7 +636,7 @@ class _GuardedDUL(DULServiceProvider):
         except Exception as exc:
             logger.warning(
                 "association from %s aborted: PDU of type 0x%02X cannot be decoded (%s)",
-                _peer(self.assoc),
+                peer_label(self.assoc),
                 pdu_type,
                 type(exc).__name__,
             )
@@ -699,7 +702,7 @@ class _GuardedDIMSE(DIMSEServiceProvider):
             self.msg_queue.put((context_id, cast(Any, request)))
 
     def _abort(self, why: str) -> None:
-        logger.warning("association from %s aborted: %s", _peer(self.assoc), why)
+        logger.warning("association from %s aborted: %s", peer_label(self.assoc), why)
         self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT, then closed
 
     def _refuse_store(self, command: Any, context_id: int) -> None:
@@ -715,7 +718,7 @@ class _GuardedDIMSE(DIMSEServiceProvider):
         rsp.Status = INVALID_SOP_INSTANCE
         logger.warning(
             "C-STORE from %s refused with 0x%04X: Affected SOP Instance UID %r is not a UID",
-            _peer(self.assoc),
+            peer_label(self.assoc),
             INVALID_SOP_INSTANCE,
             printable(command.get("AffectedSOPInstanceUID", ""), 70),
         )

@@ -64,6 +64,7 @@ from ldct_node.netguard import (
     GuardedAssociationServer,
     GuardSettings,
     install_log_filter,
+    peer_label,
     printable,
     valid_uid,
 )
@@ -358,9 +359,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
 
 
 def _peer(assoc: Any) -> str:
-    requestor = assoc.requestor
-    title = printable(str(requestor.ae_title or "").strip()) or "?"
-    return f"{title}@{printable(requestor.address)}:{requestor.port}"
+    return peer_label(assoc)
 
 
 def handle_rejected(event: evt.Event) -> None:

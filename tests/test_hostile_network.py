@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import ssl
 import struct
@@ -578,6 +579,31 @@ def test_printable_escapes_and_bounds() -> None:
     assert netguard.printable("x" * 500, limit=10) == "x" * 10 + "..."
     with pytest.raises(ValueError, match="limit"):
         netguard.printable("x", limit=0)
+
+
+def test_pynetdicom_objects_are_adopted_by_the_guard(tmp_path: Path) -> None:
+    """Tripwire for pynetdicom upgrades: netguard relies on these internals."""
+    import pynetdicom
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.transport import RequestHandler
+
+    assert pynetdicom.__version__.startswith("3.0."), pynetdicom.__version__
+    assert callable(RequestHandler._create_association)
+    assert callable(DULServiceProvider._read_pdu_data) and callable(DULServiceProvider._decode_pdu)
+    assert callable(DIMSEServiceProvider.receive_primitive)
+    with (
+        running_receiver(node_settings(tmp_path)) as node,
+        scu_association(node.port, [VERIFICATION]) as assoc,
+    ):
+        assert assoc.is_established
+        (acceptor,) = node.server.active_associations
+        assert type(acceptor.dul) is netguard._GuardedDUL
+        assert type(acceptor.dimse) is netguard._GuardedDIMSE
+        assert type(acceptor.dul.socket) is netguard._ReplaySocket
+        assert isinstance(acceptor.dul._recv_pdu, queue.Queue)
+        assert acceptor.dimse.cancel_req == {} and acceptor.dimse.msg_queue.empty()
+        assert assoc.send_c_echo().Status == receive.SUCCESS
 
 
 # ------------------------------------------------------------------------- also seen
