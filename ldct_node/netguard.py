@@ -37,6 +37,7 @@ import re
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -472,6 +473,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             exc.reason,
         )
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line instead of socketserver's traceback on stderr; the slot comes back."""
+        self.pending.release(cast(socket.socket, request))
+        exc = sys.exc_info()[1]
+        logger.error("connection from %s failed (%s)", _address(client_address), type(exc).__name__)
+        logger.debug("connection failure details", exc_info=True)
+
     def server_close(self) -> None:
         self.pending.close_all()
         super().server_close()
@@ -532,7 +540,9 @@ class _ReplaySocket(AssociationSocket):
         if replay:
             data += replay[:nr_bytes]
             del replay[:nr_bytes]
-        sock = cast(socket.socket, self.socket)
+        sock = self.socket
+        if sock is None:
+            return data
         try:
             while len(data) < nr_bytes:
                 remaining = deadline - time.monotonic()
@@ -544,7 +554,8 @@ class _ReplaySocket(AssociationSocket):
                     break
                 data += chunk
         finally:
-            sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
+            with contextlib.suppress(OSError):  # closed meanwhile: the read's error counts
+                sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
         return data
 
 
