@@ -658,7 +658,7 @@ class _GuardedDUL(DULServiceProvider):
 
 
 #: C-STORE status: the Affected SOP Instance UID is empty or breaks the UID rules.
-INVALID_SOP_INSTANCE = 0x0117
+INVALID_OBJECT_INSTANCE = 0x0117
 C_STORE_RQ_COMMAND = 0x0001
 MAX_UID_CHARS = 64
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
@@ -677,7 +677,7 @@ class _GuardedDIMSE(DIMSEServiceProvider):
     - a message that cannot be decoded aborts the association with one log line
       (pynetdicom's would end the DUL thread with a traceback, or log several lines);
     - a C-STORE request whose Affected SOP Instance UID is empty or invalid is answered
-      :data:`INVALID_SOP_INSTANCE` (pynetdicom drops it unanswered, or aborts).
+      :data:`INVALID_OBJECT_INSTANCE` (pynetdicom drops it unanswered, or aborts).
     """
 
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -726,11 +726,11 @@ class _GuardedDIMSE(DIMSEServiceProvider):
         sop_class = str(command.get("AffectedSOPClassUID", "") or "").strip(" \x00")
         if valid_uid(sop_class):
             rsp.AffectedSOPClassUID = sop_class
-        rsp.Status = INVALID_SOP_INSTANCE
+        rsp.Status = INVALID_OBJECT_INSTANCE
         logger.warning(
             "C-STORE from %s refused with 0x%04X: Affected SOP Instance UID %r is not a UID",
             peer_label(self.assoc),
-            INVALID_SOP_INSTANCE,
+            INVALID_OBJECT_INSTANCE,
             printable(command.get("AffectedSOPInstanceUID", ""), 70),
         )
         self.send_msg(rsp, context_id)

@@ -3,6 +3,7 @@
 Each C-STORE is answered only after the instance is durably in the spool and recorded
 in the job database, so a success status means nothing can be lost::
 
+    Affected SOP Instance UID a valid UID?  no -> 0x0117 (invalid object instance)
     free space >= storage.min_free_gb?      no -> 0xA700 (nothing written)
     header parses (no pixel decoding)?      no -> 0xC210
     SOP/Series/Study UIDs present?          no -> 0xC212
@@ -60,7 +61,9 @@ from ldct_node.db import Database, ReceivedInstance
 from ldct_node.dicomio import processing_skip_reason
 from ldct_node.monitoring import INSTANCES_RECEIVED
 from ldct_node.netguard import (
-    INVALID_SOP_INSTANCE,
+    INVALID_OBJECT_INSTANCE as INVALID_OBJECT_INSTANCE,
+)
+from ldct_node.netguard import (
     GuardedAssociationServer,
     GuardSettings,
     install_log_filter,
@@ -87,8 +90,8 @@ INTERNAL_ERROR = 0xC211
 MISSING_UIDS = 0xC212
 #: Error: the dataset's SOPInstanceUID differs from the request's Affected SOP Instance UID.
 SOP_INSTANCE_MISMATCH = 0xC213
-#: Failure: the request's Affected SOP Instance UID is empty or not a valid UID.
-INVALID_OBJECT_INSTANCE = INVALID_SOP_INSTANCE
+# INVALID_OBJECT_INSTANCE (0x0117, imported from netguard, which answers it before the
+# handler when it can): the request's Affected SOP Instance UID is empty or not a UID.
 
 #: Skip reason of instances whose series no ``[[outputs]]`` profile applies to.
 NO_MATCHING_PROFILE = "no output profile applies (routing filters)"
