@@ -30,7 +30,9 @@ import pytest
 import tomli_w
 from _dicom_util import make_ct_series
 from _net_util import (
+    HAVE_OPENSSL,
     LOOPBACK,
+    dataset_bytes,
     make_test_pki,
     needs_openssl,
     node_settings,
@@ -43,6 +45,7 @@ from _net_util import (
 )
 from _node_util import wait_for
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
@@ -232,7 +235,7 @@ def test_host_outside_the_allow_list_is_closed_at_accept_before_a_byte_is_read(
 def test_request_deadline_covers_the_whole_request_not_each_read(tmp_path: Path, tls: bool) -> None:
     """A peer trickling one byte every 0.3 s is closed at the 2 s deadline."""
     if tls:
-        if not os.path.exists("/usr/bin/openssl"):
+        if not HAVE_OPENSSL:
             pytest.skip("openssl CLI missing")
         pki = make_test_pki(tmp_path / "pki")
         security: dict[str, Any] = tls_security(pki, mutual=False)
@@ -296,7 +299,7 @@ def test_fifty_hostile_connections_for_sixty_seconds_default_limits(
     tmp_path: Path, tls: bool
 ) -> None:
     """The issue's figure with the shipped defaults (10 s deadline, 64 pending slots)."""
-    if tls and not os.path.exists("/usr/bin/openssl"):
+    if tls and not HAVE_OPENSSL:
         pytest.skip("openssl CLI missing")
     _lockout_run(tmp_path, tls=tls, attackers=50, duration_s=60, security={}, node={})
 
@@ -637,9 +640,7 @@ def _command(**elements: Any) -> bytes:
     return group_length + body.getvalue()
 
 
-def _implicit(buffer: BytesIO) -> Any:
-    from pydicom.filebase import DicomFileLike
-
+def _implicit(buffer: BytesIO) -> DicomFileLike:
     fp = DicomFileLike(buffer)
     fp.is_little_endian = True
     fp.is_implicit_VR = True
@@ -655,8 +656,6 @@ def _status_of(body: bytes) -> int | None:
 
 
 def _store_request(path: Path, sop_instance_uid: str) -> tuple[bytes, bytes]:
-    from _net_util import dataset_bytes
-
     command = _command(
         AffectedSOPClassUID=CT,
         CommandField=0x0001,
