@@ -54,6 +54,13 @@ class NodeSettings(_Section):
 class SecuritySettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list)
+    # The called AE title must be node.ae_title (else A-ASSOCIATE-RJ, reason 0x07).
+    require_called_aet: bool = True
+    # Seconds from accept for the TLS handshake and the whole A-ASSOCIATE-RQ.
+    association_request_timeout: float = Field(10, gt=0, le=300)
+    # Connections that have not yet sent a complete A-ASSOCIATE-RQ, at most (apart from
+    # node.max_associations); when all are taken the oldest of them is closed.
+    max_pending_connections: int = Field(64, ge=1, le=10_000)
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
@@ -67,6 +74,11 @@ class SecuritySettings(_Section):
             except ValueError as exc:
                 raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
         return value
+
+    @field_validator("association_request_timeout", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SecuritySettings:

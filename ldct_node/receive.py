@@ -3,6 +3,7 @@
 Each C-STORE is answered only after the instance is durably in the spool and recorded
 in the job database, so a success status means nothing can be lost::
 
+    Affected SOP Instance UID a valid UID?  no -> 0x0117 (invalid object instance)
     free space >= storage.min_free_gb?      no -> 0xA700 (nothing written)
     header parses (no pixel decoding)?      no -> 0xC210
     SOP/Series/Study UIDs present?          no -> 0xC212
@@ -20,11 +21,19 @@ ConvolutionKernel filters), logged once per series by UID and sender. Jobs are c
 only for the profiles that apply. SOP classes not in ``series.accept_sop_classes``
 are not negotiated, so the association rejects their presentation contexts.
 
-Access control: ``security.allowed_calling_aets`` (A-ASSOCIATE-RJ permanent, service
-user, "calling AE title not recognised"), ``security.allowed_hosts`` (A-ASSOCIATE-RJ
-permanent, service user, "no reason given", sent from EVT_REQUESTED before any
-negotiation) and DICOM TLS with ``security.tls_cert``/``tls_key`` (``tls_ca``: client
-certificates required).
+Access control: ``security.allowed_hosts`` (checked at accept: a peer outside it is
+disconnected before a byte is read), ``security.allowed_calling_aets`` (A-ASSOCIATE-RJ
+permanent, service user, "calling AE title not recognised", 0x03),
+``security.require_called_aet`` (the called AE title must be ``node.ae_title``, else
+A-ASSOCIATE-RJ reason 0x07) and DICOM TLS with ``security.tls_cert``/``tls_key``
+(``tls_ca``: client certificates required). Connections that have not yet sent a
+complete association request are bounded in number and time, apart from the
+established associations (:mod:`ldct_node.netguard`), and so are PDU lengths.
+
+A C-STORE request whose Affected SOP Instance UID is empty or breaks the UID rules
+(``.``, ``..``, empty components, other than digits and dots, over 64 characters) is
+answered 0x0117 (invalid object instance); everything from the network that is logged
+goes through :func:`ldct_node.netguard.printable`.
 """
 
 from __future__ import annotations
@@ -51,6 +60,17 @@ from ldct_node.config import SecuritySettings, Settings
 from ldct_node.db import Database, ReceivedInstance
 from ldct_node.dicomio import processing_skip_reason
 from ldct_node.monitoring import INSTANCES_RECEIVED
+from ldct_node.netguard import (
+    INVALID_OBJECT_INSTANCE as INVALID_OBJECT_INSTANCE,
+)
+from ldct_node.netguard import (
+    GuardedAssociationServer,
+    GuardSettings,
+    install_log_filter,
+    peer_label,
+    printable,
+    valid_uid,
+)
 from ldct_node.routing import matching_profiles
 from ldct_node.spool import Spool
 
@@ -70,14 +90,12 @@ INTERNAL_ERROR = 0xC211
 MISSING_UIDS = 0xC212
 #: Error: the dataset's SOPInstanceUID differs from the request's Affected SOP Instance UID.
 SOP_INSTANCE_MISMATCH = 0xC213
+# INVALID_OBJECT_INSTANCE (0x0117, imported from netguard, which answers it before the
+# handler when it can): the request's Affected SOP Instance UID is empty or not a UID.
 
 #: Skip reason of instances whose series no ``[[outputs]]`` profile applies to.
 NO_MATCHING_PROFILE = "no output profile applies (routing filters)"
 
-# -- A-ASSOCIATE-RJ parameters -------------------------------------------------------------
-REJECTED_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-REASON_NO_REASON_GIVEN = 0x01
 
 #: Transfer syntaxes accepted for storage, stored as received (never transcoded here).
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -119,7 +137,6 @@ class ReceiverContext:
     settings: Settings
     db: Database
     spool: Spool
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     _stats: dict[int, AssociationStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _unrouted: dict[str, None] = field(default_factory=dict)
@@ -164,9 +181,7 @@ class _RefusedError(Exception):
 def _uid(ds: Dataset, keyword: str) -> str:
     raw = ds.get(keyword, "")
     value = raw.strip(" \x00") if isinstance(raw, str) else ""
-    # Lenient on form (old devices write leading zeros), strict on what it is: a string
-    # of digits and dots (not a number or text sent with a wrong VR), at most 64 long.
-    if not value or len(value) > 64 or value.strip("0123456789."):
+    if not valid_uid(value):
         raise _RefusedError(
             MISSING_UIDS, f"{keyword} missing, not a UID or longer than 64 characters"
         )
@@ -272,6 +287,12 @@ _OUTCOME_LABELS = {"stored": "stored", "skipped": "not_processed", "duplicate": 
 
 def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
     request = cast(C_STORE, event.request)
+    requested_uid = str(request.AffectedSOPInstanceUID or "").strip(" \x00")
+    if not valid_uid(requested_uid):
+        raise _RefusedError(
+            INVALID_OBJECT_INSTANCE,
+            f"Affected SOP Instance UID {printable(requested_uid, 70)!r} is not a valid UID",
+        )
     data = event.encoded_dataset()  # preamble + file meta + dataset bytes as received
     if not ctx.spool.has_space(ctx.settings.storage.min_free_gb, len(data)):
         raise _RefusedError(OUT_OF_RESOURCES, "spool below storage.min_free_gb")
@@ -285,9 +306,10 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
     if sop_class != requested_class:
         raise _RefusedError(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"dataset SOP class {sop_class or '(none)'} != negotiated {requested_class}",
+            f"dataset SOP class {sop_class or '(none)'} != negotiated "
+            f"{printable(requested_class, 70)}",
         )
-    if sop_uid != str(request.AffectedSOPInstanceUID or ""):
+    if sop_uid != requested_uid:
         raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
 
     if ctx.db.instance_path(sop_uid) is not None:
@@ -306,7 +328,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
                     "series %s from %s matches no output profile (calling AE, "
                     "SeriesDescription or ConvolutionKernel filters): stored, not processed",
                     series_uid,
-                    calling_aet or "?",
+                    printable(calling_aet) or "?",
                 )
     path = ctx.spool.store_bytes(data, sop_instance_uid=sop_uid, series_instance_uid=series_uid)
     record = ReceivedInstance(
@@ -340,33 +362,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
 
 
 def _peer(assoc: Any) -> str:
-    requestor = assoc.requestor
-    return f"{str(requestor.ae_title).strip() or '?'}@{requestor.address}:{requestor.port}"
-
-
-def _host_allowed(
-    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
-    return any(ip.version == net.version and ip in net for net in networks)
-
-
-def handle_requested(event: evt.Event, ctx: ReceiverContext) -> None:
-    """A-ASSOCIATE-RQ received: reject peers outside ``security.allowed_hosts``."""
-    if not ctx.allowed_networks:
-        return
-    assoc = event.assoc
-    if _host_allowed(str(assoc.requestor.address), ctx.allowed_networks):
-        return
-    logger.warning("rejecting association from %s: host not in allowed_hosts", _peer(assoc))
-    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON_GIVEN)
-    # Wait for the peer to close (as pynetdicom does for its own rejections).
-    assoc.kill()
+    return peer_label(assoc)
 
 
 def handle_rejected(event: evt.Event) -> None:
@@ -415,6 +411,7 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = NETWORK_TIMEOUT_S
     if settings.security.allowed_calling_aets:
         ae.require_calling_aet = [a.strip() for a in settings.security.allowed_calling_aets]
+    ae.require_called_aet = settings.security.require_called_aet
     ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
     for sop_class in dict.fromkeys(settings.series.accept_sop_classes):
         ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
@@ -485,38 +482,54 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def make_context(settings: Settings, db: Database, spool: Spool) -> ReceiverContext:
-    networks = tuple(
-        ipaddress.ip_network(item, strict=False) for item in settings.security.allowed_hosts
+    return ReceiverContext(settings=settings, db=db, spool=spool)
+
+
+def guard_settings(settings: Settings) -> GuardSettings:
+    """Admission limits from ``[security]`` (see :mod:`ldct_node.netguard`)."""
+    sec = settings.security
+    return GuardSettings(
+        allowed_networks=tuple(ipaddress.ip_network(h, strict=False) for h in sec.allowed_hosts),
+        request_timeout_s=sec.association_request_timeout,
+        max_pending=sec.max_pending_connections,
     )
-    return ReceiverContext(settings=settings, db=db, spool=spool, allowed_networks=networks)
 
 
 def start_receiver(
     settings: Settings, db: Database, spool: Spool, *, ae: AE | None = None
-) -> ThreadedAssociationServer:
+) -> GuardedAssociationServer:
     """Start the SCP on ``node.host:node.port`` in background threads and return it.
 
     ``node.port = 0`` binds a free port; read it from ``server.server_address[1]``.
     Stop it with :func:`stop_receiver`.
     """
+    install_log_filter("pynetdicom")
+    install_log_filter("pydicom")  # quoted element values (silenced by the CLI anyway)
     ae = ae or build_ae(settings)
     ctx = make_context(settings, db, spool)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
-        (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ESTABLISHED, handle_established, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]
-    server = ae.start_server(
-        (settings.node.host, settings.node.port),
-        block=False,
-        ssl_context=build_ssl_context(settings),
-        evt_handlers=handlers,
+    # ae.start_server(block=False) with our server class: make_server, then its thread.
+    server = cast(
+        GuardedAssociationServer,
+        ae.make_server(
+            (settings.node.host, settings.node.port),
+            ssl_context=build_ssl_context(settings),
+            evt_handlers=handlers,
+            server_class=GuardedAssociationServer,
+            guard=guard_settings(settings),
+        ),
     )
-    if server is None:  # only a blocking server returns None
-        raise RuntimeError("pynetdicom did not return a server")
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"AcceptorServer@{settings.node.port}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)  # where pynetdicom's shutdown() removes it from
     host, port = server.server_address[:2]
     logger.info(
         "listening as %s on %s:%d%s",

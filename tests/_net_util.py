@@ -267,3 +267,90 @@ def make_test_pki(folder: Path) -> dict[str, Path]:
             "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", out[f"{who}_cert"],
         )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------ raw DICOM upper layer
+# Hand-made PDUs for peers that misbehave (what pynetdicom as an SCU refuses to send).
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def associate_rq_pdu(
+    *,
+    called: bytes = b"LDCT_NODE",
+    calling: bytes = b"RAWSCU",
+    abstract_syntax: str = "1.2.840.10008.1.1",
+    transfer_syntax: str = IMPLICIT_VR_LE,
+    max_pdu: int = 16_384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with one presentation context (ID 1); AE titles as given
+    (padded to 16 bytes, not validated: control characters go through)."""
+    context = (
+        bytes([1, 0, 0, 0])
+        + _item(0x30, abstract_syntax.encode())
+        + _item(0x40, transfer_syntax.encode())
+    )
+    user_info = _item(0x51, struct.pack(">L", max_pdu))
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16, b" ")[:16]
+        + calling.ljust(16, b" ")[:16]
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT)
+        + _item(0x20, context)
+        + _item(0x50, user_info)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def p_data_pdu(*pdvs: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU of ``(context_id, control header, value)`` PDV items (control:
+    bit 0 command, bit 1 last fragment)."""
+    items = b"".join(
+        struct.pack(">LBB", len(value) + 2, context_id, control) + value
+        for context_id, control, value in pdvs
+    )
+    return struct.pack(">BBL", 0x04, 0, len(items)) + items
+
+
+def read_pdu(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes]:
+    """(type, body) of the next PDU from ``sock``; (0, b"") when the peer closed."""
+    sock.settimeout(timeout)
+    header = _read_exactly(sock, 6)
+    if len(header) < 6:
+        return 0, b""
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    return pdu_type, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+@contextmanager
+def raw_association(
+    port: int, *, timeout: float = 10.0, **rq: Any
+) -> Iterator[tuple[socket.socket, int]]:
+    """A plain TCP connection that has sent :func:`associate_rq_pdu` (``rq``) and read the
+    answer: yields the socket and the answer's PDU type (0x02 accepted)."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    try:
+        sock.sendall(associate_rq_pdu(**rq))
+        pdu_type, _ = read_pdu(sock, timeout)
+        yield sock, pdu_type
+    finally:
+        sock.close()

@@ -18,6 +18,9 @@ def test_defaults_match_the_contract() -> None:
     assert s.node.ae_title == "LDCT_NODE" and s.node.port == 11112
     assert s.node.max_associations == 10
     assert s.security.allowed_calling_aets == [] and not s.security.tls_enabled
+    assert s.security.require_called_aet
+    assert s.security.association_request_timeout == 10.0
+    assert s.security.max_pending_connections == 64
     assert s.storage.retention_days == 7 and s.storage.min_free_gb == 5
     assert s.series.stable_seconds == 30
     assert s.series.accept_sop_classes == ["1.2.840.10008.5.1.4.1.1.2"]
@@ -51,6 +54,9 @@ def test_bundled_config_is_valid_and_paths_resolve_against_it() -> None:
         ("[node]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "'node.ae_title'"),
         ("[security]\nallowed_hosts = ['10.0.0.300']\n", "'security.allowed_hosts'"),
         ("[security]\ntls_cert = 'a.pem'\n", "tls_key"),
+        ("[security]\nassociation_request_timeout = 0\n", "'security.association_request_timeout'"),
+        ("[security]\nmax_pending_connections = 0\n", "'security.max_pending_connections'"),
+        ("[security]\nrequire_called_aet = 'yes'\n", "'security.require_called_aet'"),
         ("[model]\nprecision = 'int8'\n", "'model.precision'"),
         ("[dicom]\nuid_root = '1.2.abc'\n", "'dicom.uid_root'"),
         ("[forward]\nbackoff_seconds = []\n", "'forward.backoff_seconds'"),
