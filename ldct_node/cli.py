@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -506,6 +507,13 @@ def evaluate(
             "(the table and the goal checks).",
         ),
     ] = None,
+    record_key: Annotated[
+        str,
+        typer.Option(
+            "--record-key",
+            help="MANIFEST.json key for --record-in (e.g. evaluation_512 beside evaluation).",
+        ),
+    ] = "evaluation",
     config: ConfigOption = None,
 ) -> None:
     """Measure image quality (PSNR, SSIM, RMSE, noise, CNR, HU bias, MTF50) of methods."""
@@ -521,6 +529,11 @@ def evaluate(
         for folder in weights:
             if not (folder / "MANIFEST.json").is_file():
                 raise UsageError(f"--weights: {folder} has no MANIFEST.json")
+        if not re.fullmatch(r"evaluation[A-Za-z0-9_]*", record_key):
+            raise UsageError(
+                f"--record-key: must start with 'evaluation' (letters, digits, _), "
+                f"got {record_key!r}"
+            )
         if record_in is not None and record_in not in weights:
             raise UsageError(f"--record-in: {record_in} must be one of the --weights folders")
         from ldct_node.model.cascade import Cascade
@@ -548,7 +561,7 @@ def evaluate(
         out.print(ev.markdown_report(summary), highlight=False, markup=False, soft_wrap=True)
         out.print(f"report written to {paths['markdown']}, {paths['json']}, {paths['figure']}")
         if record_in is not None:
-            ev.record_in_manifest(summary, record_in, held_out=str(ldct))
+            ev.record_in_manifest(summary, record_in, held_out=str(ldct), key=record_key)
             out.print(f"evaluation recorded in {record_in / 'MANIFEST.json'}")
 
 

@@ -46,13 +46,20 @@ def test_evaluate_command_reports_every_method(
     shutil.copytree(untrained_weights, weights)
     args = ["evaluate", "--ldct", heldout, "--reference", heldout, "--truth", heldout]
     args += ["--weights", weights, "--blend", "0", "--blend", "0.3", "--record-in", weights]
+    args += ["--hu-fidelity-mm", "0", "--hu-fidelity-mm", "2", "--record-key", "evaluation_sim"]
     args += ["--report", report] + (["--bm3d"] if HAVE_BM3D else [])
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr
     data = json.loads((report / "report.json").read_text())
     # --record-in: the same table and goals in the weights' manifest, which still loads.
-    recorded = json.loads((weights / "MANIFEST.json").read_text())["evaluation"]
-    assert recorded["these_weights"] == ["C", "C, blend 0.3"]
+    recorded = json.loads((weights / "MANIFEST.json").read_text())["evaluation_sim"]
+    assert recorded["these_weights"] == [
+        "C",
+        "C, blend 0.3",
+        "C, fidelity 2 mm",
+        "C, fidelity 2 mm, blend 0.3",
+    ]
+    assert data["method_info"]["C, fidelity 2 mm"]["hu_fidelity_mm"] == 2.0
     assert recorded["anatomy"] == data["anatomy"] and recorded["goals"] == data["goals"]
     assert recorded["held_out"] == str(heldout)
     assert (

@@ -741,15 +741,16 @@ def _json_default(value: Any) -> Any:
 
 
 def record_in_manifest(
-    summary: dict[str, Any], weights_dir: Path, *, held_out: str
+    summary: dict[str, Any], weights_dir: Path, *, held_out: str, key: str = "evaluation"
 ) -> dict[str, Any]:
-    """Add the evaluation to ``weights_dir/MANIFEST.json`` under ``"evaluation"``.
+    """Add the evaluation to ``weights_dir/MANIFEST.json`` under ``key`` (one entry per
+    held-out set: ``evaluation`` and, say, ``evaluation_512``).
 
     Records every image's mean metrics (LDCT, NDCT and each method, so the weights'
     own rows sit next to what they were compared with), the goal checks, the held-out
     set and which method names are these weights. The weights files and their sha256
-    are untouched, so the model version stays the same; an earlier evaluation is
-    replaced.
+    are untouched, so the model version stays the same; an earlier evaluation under the
+    same key is replaced.
 
     Returns
     -------
@@ -777,7 +778,7 @@ def record_in_manifest(
         },
         "goals": summary["goals"],
     }
-    manifest["evaluation"] = _finite(entry)
+    manifest[key] = _finite(entry)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(
         json.dumps(manifest, indent=2, allow_nan=False, default=_json_default) + "\n",
