@@ -495,6 +495,9 @@ class Worker:
     lease_seconds
         How long a claimed job stays ours without a heartbeat (default
         ``worker.lease_seconds``).
+    space_backoff_seconds
+        After a job was deferred for want of disk space, the first pause before the next
+        claim (doubling per deferral up to ``SPACE_BACKOFF_MAX_SECONDS``).
     """
 
     def __init__(
@@ -508,7 +511,10 @@ class Worker:
         on_forwarding: Callable[[], None] | None = None,
         heartbeat_seconds: float | None = None,
         lease_seconds: float | None = None,
+        space_backoff_seconds: float = SPACE_BACKOFF_SECONDS,
     ) -> None:
+        if not space_backoff_seconds > 0:
+            raise ValueError(f"space_backoff_seconds: must be > 0, got {space_backoff_seconds}")
         if lease_seconds is None:
             lease_seconds = settings.worker.lease_seconds
         if not lease_seconds > 0:
@@ -532,7 +538,8 @@ class Worker:
         self._last_output: tuple[tuple[str, tuple[str, ...]], CascadeOutput] | None = None
         #: While waiting for disk space: (bytes needed, monotonic time of the next try).
         self._space_wait: tuple[int, float] | None = None
-        self._space_backoff = SPACE_BACKOFF_SECONDS
+        self.space_backoff_seconds = space_backoff_seconds
+        self._space_backoff = space_backoff_seconds
 
     # -- control ------------------------------------------------------------------------
     def wake(self) -> None:
@@ -641,7 +648,7 @@ class Worker:
             except _JobLostError:
                 return self._abandoned(job.id, output_root)
             except DiskFullError as exc:
-                return self._defer(job.id, exc, needed)
+                return self._defer(job.id, exc, needed, output_root)
             except _JobInputError as exc:
                 return self._fail(job.id, str(exc))
             except InputError as exc:
@@ -651,7 +658,7 @@ class Worker:
                 )
             except Exception as exc:
                 if is_out_of_space(exc):
-                    return self._defer(job.id, exc, needed)
+                    return self._defer(job.id, exc, needed, output_root)
                 logger.exception("job %d: unexpected error", job.id)
                 return self._fail(
                     job.id,
@@ -659,7 +666,7 @@ class Worker:
                     f"retry job {job.id} once the cause is fixed",
                 )
         derived = written[0]
-        self._space_backoff = SPACE_BACKOFF_SECONDS
+        self._space_backoff = self.space_backoff_seconds
         monitoring.JOBS_PROCESSED.labels(profile.name).inc()
         elapsed = time.monotonic() - started
         monitoring.JOB_PROCESSING_SECONDS.labels(profile.name).observe(elapsed)
@@ -771,17 +778,21 @@ class Worker:
         if not self.spool.has_space(min_free_gb, needed):
             raise DiskFullError(
                 f"{self.spool.free_bytes() / BYTES_PER_GB:.2f} GB free in the spool, "
-                f"{what} needs {needed / BYTES_PER_GB:.3f} GB above storage.min_free_gb = "
+                f"{what} needs {needed / 1e6:.1f} MB above storage.min_free_gb = "
                 f"{min_free_gb:g}"
             )
 
-    def _defer(self, job_id: int, exc: BaseException, needed: int) -> JobState:
-        """Out of disk space: the job goes back to the queue with the reason, and this
-        worker claims nothing until there is room (and its backoff has passed)."""
+    def _defer(self, job_id: int, exc: BaseException, needed: int, output_root: Path) -> JobState:
+        """Out of disk space: what the job wrote is removed, the job goes back to the
+        queue with the reason, and this worker claims nothing until there is room (and
+        its backoff has passed)."""
+        if output_root.exists():
+            with contextlib.suppress(OSError):
+                self.spool.purge_paths([output_root])
         min_free_gb = self.settings.storage.min_free_gb
         reason = (
             f"waiting for disk space ({exc}); the job resumes by itself once the spool has "
-            f"{needed / BYTES_PER_GB:.3f} GB free above storage.min_free_gb = {min_free_gb:g}"
+            f"{needed / 1e6:.1f} MB free above storage.min_free_gb = {min_free_gb:g}"
             " (free space on it, or purge finished series sooner with "
             "storage.retention_days)"
         )
