@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _dicom_util import make_ct_series
 from _enhanced_util import write_enhanced_ct
-from _node_util import REPO
+from _node_util import REPO, echo_ok, needs_storescp, serving, storescu, wait_for, write_config
 
+from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, load_settings
 from ldct_node.db import MAX_JOB_CRASHES, Database, JobState, ReceivedInstance
 from ldct_node.dicomio import InputError, read_instance
 from ldct_node.enhanced import decode_frames_hu
@@ -279,3 +281,88 @@ def test_crash_counter_migration_keeps_existing_jobs(tmp_path: Path) -> None:
     claimed = db.claim_next_job("w1")
     assert claimed is not None and claimed.id == 1
     db.close()
+
+
+# ------------------------------------------------------------- the whole node
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's high-water resident memory (VmHWM) from the kernel."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+@needs_storescp
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_node_keeps_serving_large_slices_under_its_memory_budget(
+    tmp_path: Path, untrained_weights: Path
+) -> None:
+    """``ldct-node serve`` with model.memory_budget_mb = 1500: a 1280x1280 slice (untiled
+    about 3.3 GB: 0.9 GB of process + 1.5 kB per pixel) is denoised in tiles with the
+    node's peak RSS under 1500 MB, C-ECHO answered meanwhile; an Enhanced CT of two
+    4100x4100 frames fails its job with the pixel limit; a normal series goes on."""
+    budget = 1500
+    config = write_config(
+        tmp_path / "node",
+        untrained_weights,
+        model={"memory_budget_mb": budget, "batch_size": 4},
+        series={"accept_sop_classes": [CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE]},
+    )
+    settings = load_settings(config)
+    big = make_ct_series(tmp_path, n=1, size=1280, subdir="big", series_number=1)
+    small = make_ct_series(tmp_path, n=3, size=64, subdir="small", series_number=2)
+    enhanced = tmp_path / "enhanced.dcm"
+    write_enhanced_ct(np.zeros((2, 4100, 4100), np.float32), enhanced)
+    with serving(config, settings.node.port) as serve:
+        started = time.monotonic()
+        for files in (big, [enhanced], small):
+            res = storescu(settings.node.port, *files)
+            assert res.returncode == 0, res.stderr
+        db = Database(settings.database_url)
+        try:
+            echoes = 0
+
+            def settled() -> bool:
+                nonlocal echoes
+                assert echo_ok(settings.node.port, settings.node.ae_title)  # still serving
+                echoes += 1
+                jobs = db.list_jobs()
+                return len(jobs) == 3 and all(j.state in ("done", "failed") for j in jobs)
+
+            wait_for(
+                settled,
+                timeout=900,
+                interval=2.0,
+                what="the three jobs to end",
+                details=lambda: f"{db.list_jobs()}\n{serve.log()[-3000:]}",
+            )
+            elapsed = time.monotonic() - started
+            peak = _peak_rss_mb(serve.process.pid)
+            by_size = {j.source_instances: j for j in db.list_jobs()}
+            big_job = next(j for j in db.list_jobs() if j.id == 1)
+            enhanced_job = next(j for j in db.list_jobs() if j.id == 2)
+            assert big_job.state == JobState.DONE and big_job.n_instances == 1
+            assert enhanced_job.state == JobState.FAILED
+            assert "4100x4100" in (enhanced_job.error or ""), enhanced_job.error
+            assert by_size[3].state == JobState.DONE
+            assert serve.alive()
+        finally:
+            db.close()
+    print(
+        f"1280x1280 slice + 2x4100x4100 Enhanced CT + 3 slices: peak RSS {peak:.0f} MB "
+        f"(budget {budget} MB), {elapsed:.0f} s, {echoes} C-ECHO answered meanwhile"
+    )
+    assert peak < budget, peak
+
+
+def test_memory_budget_is_a_model_setting_4096_by_default(tmp_path: Path) -> None:
+    from ldct_node.config import ConfigError, parse_settings
+
+    assert load_settings(REPO / "config.toml").model.memory_budget_mb == 4096
+    assert parse_settings({}, source="<test>").model.memory_budget_mb == 4096
+    assert parse_settings({"model": {"memory_budget_mb": 1500}}).model.memory_budget_mb == 1500
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        parse_settings({"model": {"memory_budget_mb": 0}}, source="<test>")

@@ -62,8 +62,9 @@ PRECISION_POLICIES = {
 #: Working memory of one network call per input pixel (activations of both networks and
 #: TensorFlow's scratch), by engine. Measured peak-RSS growth of a float32 call on a
 #: 2-core AVX-512 CPU: fused 1,490 B at 512x512 (2,060 B at 256x256, where fixed costs
-#: weigh more); keras 2,900 B at 512x512. Rounded up: the budget must hold.
-BYTES_PER_PIXEL = {"fused": 1_800, "keras": 3_400}
+#: weigh more; issue 15 measured ~1,300 B at 2048x2048); keras 1,330 B at 512x512.
+#: Rounded up: the budget must hold.
+BYTES_PER_PIXEL = {"fused": 1_800, "keras": 1_800}
 #: Whole-slice arrays :meth:`Cascade.denoise` holds besides the network call, per pixel
 #: of the stack it is given: the float32 output, the out-of-range mask, the merged and
 #: blended copies.
