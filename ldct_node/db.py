@@ -54,6 +54,12 @@ Several processes on one database (scale-out)
     one process at a time: :meth:`Database.claim_forward` leases it to its sender.
     The schema itself is managed by Alembic (:mod:`ldct_node.migrate`).
 
+Jobs that take their worker down
+    Every re-queue of a running job whose worker died (startup, expired lease) counts
+    in ``crashes``; at :data:`MAX_JOB_CRASHES` the job is ``failed`` ("quarantined")
+    instead, so that one series cannot crash-loop the node. A worker handing a job back
+    (shutdown, :meth:`Database.defer_job` for want of disk space) is no crash.
+
 All timestamps are timezone-aware UTC; functions taking ``now`` reject naive values.
 """
 

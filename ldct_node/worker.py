@@ -47,9 +47,13 @@ _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HEADER_BYTES = 64 * 1024
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(OSError):
     """No room to write a derived series (out of space, or below ``storage.min_free_gb``):
-    a resource condition, not a fault of the job."""
+    a resource condition, not a fault of the job. An ``OSError`` with errno ENOSPC, so
+    callers that handle I/O errors (``ldct-node denoise``) handle it too."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
 
 
 def is_out_of_space(exc: BaseException) -> bool:

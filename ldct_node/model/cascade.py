@@ -514,7 +514,8 @@ class Cascade:
         blend
             ``final = (1 - blend) * denoised + blend * input``, 0 <= blend <= 1.
         progress
-            Called with the number of slices finished after each batch (or slice).
+            Called with the number of slices finished after each batch (with 0 after
+            each tile of a tiled slice).
         max_pixels
             Input pixels per network call; default from ``memory_budget_mb``
             (:meth:`pixels_per_call`, unbounded without a budget). Up to
@@ -565,6 +566,8 @@ class Cascade:
                     pred = self.predict_model_range(batch)[0, ..., 0][tile.crop]
                     out[index][tile.target] = model_to_hu(np.clip(pred, 0.0, 1.0))
                     del batch, pred
+                    if progress is not None:
+                        progress(0)  # a tile done: lets the caller stop between tiles
                 if progress is not None:
                     progress(1)
         outside = (stack < HU_MIN) | (stack > HU_MIN + HU_RANGE)
