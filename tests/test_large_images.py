@@ -84,6 +84,21 @@ def test_tiled_output_equals_untiled_within_0_1_hu(cascade: Cascade) -> None:
         assert worst < 0.1, (max_pixels, worst)
 
 
+def test_keras_engine_tiles_alike_and_other_networks_get_their_own_halo(
+    untrained_weights: Path,
+) -> None:
+    from ldct_node.model.networks import build_cnn10
+
+    keras_cascade = Cascade.load(untrained_weights, device="cpu", engine="keras")
+    assert keras_cascade.engine == "keras" and keras_cascade.halo == 34
+    hu = np.random.default_rng(8).normal(40, 200, (1, 180, 170)).astype(np.float32)
+    worst = float(
+        np.abs(keras_cascade.denoise(hu, max_pixels=110 * 110) - keras_cascade.denoise(hu)).max()
+    )
+    assert worst < 0.1, worst
+    assert receptive_halo([build_cnn10()]) == 11  # eleven 3x3 convolutions
+
+
 def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(untrained_weights: Path) -> None:
     small = Cascade.load(untrained_weights, device="cpu", memory_budget_mb=1.0)
     floor = (MIN_TILE_CORE + 68) ** 2
