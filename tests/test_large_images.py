@@ -105,8 +105,14 @@ def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(untrained_weight
     assert small.pixels_per_call() == floor  # warned, smallest tiles
     out = small.denoise(np.zeros((200, 200), np.float32))
     assert out.shape == (200, 200) and np.isfinite(out).all()
-    unbounded = Cascade.load(untrained_weights, device="cpu")
+    unbounded = Cascade.load(untrained_weights, device="cpu", batch_size=4)
     assert unbounded.pixels_per_call() == sys.maxsize
+    # The batch follows the pixel limit: 2.5 slices' worth -> calls of 2, 2, 1 slices.
+    calls: list[int] = []
+    unbounded.denoise(
+        np.zeros((5, 64, 64), np.float32), max_pixels=5 * 64 * 32, progress=calls.append
+    )
+    assert calls == [2, 2, 1]
     with pytest.raises(ValueError, match="memory_budget_mb"):
         Cascade.load(untrained_weights, memory_budget_mb=0)
 
