@@ -123,6 +123,14 @@ class ModelSettings(_Section):
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["float32", "bfloat16", "mixed_float16"] = "float32"
+    #: Process memory (MB) the worker keeps inference under: batches and tiles of large
+    #: slices are sized to what is left of it (see ldct_node.model.cascade).
+    memory_budget_mb: float = Field(4096, gt=0)
+
+    @field_validator("memory_budget_mb", mode="before")
+    @classmethod
+    def _int_ok(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 DEFAULT_HU_FIDELITY_MM = 2.0

@@ -54,6 +54,12 @@ Several processes on one database (scale-out)
     one process at a time: :meth:`Database.claim_forward` leases it to its sender.
     The schema itself is managed by Alembic (:mod:`ldct_node.migrate`).
 
+Jobs that take their worker down
+    Every re-queue of a running job whose worker died (startup, expired lease) counts
+    in ``crashes``; at :data:`MAX_JOB_CRASHES` the job is ``failed`` ("quarantined")
+    instead, so that one series cannot crash-loop the node. A worker handing a job back
+    (shutdown, :meth:`Database.defer_job` for want of disk space) is no crash.
+
 All timestamps are timezone-aware UTC; functions taking ``now`` reject naive values.
 """
 
@@ -87,6 +93,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -112,6 +119,10 @@ _CLAIM_TRIES = 20
 #: How long a claimed job or forward belongs to its worker without a heartbeat.
 DEFAULT_LEASE_SECONDS = 300.0
 _READ_ONLY_OPTION = "ldct_read_only"
+#: A job whose worker process died this many times while running it is failed
+#: (quarantined) instead of re-queued, so that one poisonous series cannot crash-loop
+#: the node; ``retry`` resets the count.
+MAX_JOB_CRASHES = 2
 
 
 class JobState(StrEnum):
@@ -278,6 +289,9 @@ class Job(Base):
     profile: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Claims of this job that ended with their worker process gone (killed, crashed,
+    # out of memory): at MAX_JOB_CRASHES the job is failed instead of re-queued.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -406,6 +420,8 @@ class JobInfo:
     source_instances: int
     purged_at: datetime | None
     forwards: tuple[ForwardInfo, ...] = ()
+    #: Claims that ended with the worker process dying (see MAX_JOB_CRASHES).
+    crashes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(_jsonable(asdict(self)))
@@ -488,6 +504,7 @@ def _job_info(job: Job) -> JobInfo:
         output_dir=job.output_dir,
         n_instances=job.n_instances,
         rerun_requested=job.rerun_requested,
+        crashes=job.crashes or 0,
         source_instances=series.n_instances - series.n_skipped,
         purged_at=job.purged_at,
         forwards=tuple(_forward_info(f, job) for f in job.forwards),
@@ -1032,6 +1049,7 @@ class Database:
             job.finished_at = None
             job.worker_id = None
             job.rerun_requested = False
+            job.crashes = 0
             self._reset_forwards(job, now, only_failed=True)
         logger.info("job %d: retry requested; queued", job_id)
 
@@ -1051,7 +1069,8 @@ class Database:
         (A running job whose series changed meanwhile goes to ``receiving`` so that it
         waits for the series to be stable again.)
         """
-        return self._requeue(select(Job).where(Job.state == JobState.RUNNING), _now(now))
+        stmt = select(Job).where(Job.state == JobState.RUNNING)
+        return self._requeue(stmt, _now(now), crashed=True)
 
     def requeue_job(self, job_id: int, worker_id: str, now: datetime | None = None) -> bool:
         """``running -> queued`` for one job this worker holds (a worker shutting down).
@@ -1063,7 +1082,23 @@ class Database:
         stmt = select(Job).where(
             Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
         )
-        return bool(self._requeue(stmt, _now(now)))
+        return bool(self._requeue(stmt, _now(now), crashed=False))
+
+    def defer_job(
+        self, job_id: int, worker_id: str, reason: str, now: datetime | None = None
+    ) -> bool:
+        """``running -> queued`` for a job its worker cannot finish for want of a resource
+        (disk space): it runs again by itself later; ``reason`` (shown by ``status``) says
+        what it waits for until the job is finished.
+
+        Returns False when the job is no longer running under ``worker_id``.
+        """
+        if not reason:
+            raise ValueError("reason: must say what the job waits for")
+        stmt = select(Job).where(
+            Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
+        )
+        return bool(self._requeue(stmt, _now(now), crashed=False, error=reason))
 
     def requeue_stale(self, older_than_seconds: float, now: datetime | None = None) -> list[int]:
         """``running -> queued`` for jobs whose heartbeat is older than the given age.
@@ -1079,7 +1114,7 @@ class Database:
             Job.state == JobState.RUNNING,
             or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
         )
-        return self._requeue(stmt, now)
+        return self._requeue(stmt, now, crashed=True)
 
     def requeue_expired(self, now: datetime | None = None) -> list[int]:
         """``running -> queued`` for jobs whose lease expired (their worker died).
@@ -1098,7 +1133,7 @@ class Database:
                 & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < legacy_cutoff),
             ),
         )
-        return self._requeue(stmt, now)
+        return self._requeue(stmt, now, crashed=True)
 
     def requeue_owned_by(self, worker_ids: Iterable[str], now: datetime | None = None) -> list[int]:
         """``running -> queued`` for the jobs held by the given (dead) workers."""
@@ -1108,7 +1143,7 @@ class Database:
         if not owners:
             return []
         stmt = select(Job).where(Job.state == JobState.RUNNING, Job.worker_id.in_(owners))
-        return self._requeue(stmt, _now(now))
+        return self._requeue(stmt, _now(now), crashed=True)
 
     def running_owners(self) -> set[str]:
         """The worker ids holding running jobs."""
@@ -1150,24 +1185,54 @@ class Database:
             logger.info("released %d forward claim(s) of stopped process(es)", released)
         return released
 
-    def _requeue(self, stmt: Any, now: datetime) -> list[int]:
+    def _requeue(
+        self, stmt: Any, now: datetime, *, crashed: bool, error: str | None = None
+    ) -> list[int]:
+        """Hand running jobs back; ``crashed``: their worker died, which counts towards
+        MAX_JOB_CRASHES (such jobs are failed, and not among the ids returned);
+        ``error``: recorded on the jobs handed back."""
+        quarantined: list[int] = []
         with self.session() as sess:
             jobs = sess.scalars(
                 stmt.options(selectinload(Job.forwards))
                 .with_for_update(skip_locked=True)  # another process is requeuing those
                 .order_by(Job.id)
             ).all()
+            ids = []
             for job in jobs:
-                if job.rerun_requested:
+                if crashed:
+                    job.crashes = (job.crashes or 0) + 1
+                if crashed and job.crashes >= MAX_JOB_CRASHES:
+                    self._set_state(job, JobState.FAILED, now, "quarantine")
+                    job.error = (
+                        f"quarantined: the worker process running job {job.id} ended "
+                        f"{job.crashes} times before finishing it (killed, out of memory "
+                        "or crashed), so it is not run again; the other jobs go on. Check "
+                        "the series (image size, encoding) and the node's log, then "
+                        f"`ldct-node retry {job.id}` or `ldct-node cancel {job.id}`"
+                    )
+                    job.finished_at = now
+                    job.rerun_requested = False
+                    quarantined.append(job.id)
+                elif job.rerun_requested:
                     self._reopen(job, now)
+                    ids.append(job.id)
                 else:
                     self._set_state(job, JobState.QUEUED, now)
+                    ids.append(job.id)
+                if error is not None and job.id in ids:
+                    job.error = error
                 job.worker_id = None
                 job.heartbeat_at = None
                 job.lease_expires_at = None
-            ids = [job.id for job in jobs]
         if ids:
             logger.info("re-queued %d interrupted job(s): %s", len(ids), ids)
+        for job_id in quarantined:
+            logger.warning(
+                "job %d failed: quarantined after its worker died %d times running it",
+                job_id,
+                MAX_JOB_CRASHES,
+            )
         return ids
 
     def job_instances(self, job_id: int) -> list[Path]:

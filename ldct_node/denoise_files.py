@@ -89,6 +89,7 @@ def run_denoise(
         batch_size=batch_size or settings.model.batch_size,
         device=settings.model.device,
         precision=settings.model.precision,
+        memory_budget_mb=settings.model.memory_budget_mb,
     )
     scan = scan_inputs(list(inputs))
     summary = DenoiseSummary(problems=[(p.path, p.reason) for p in scan.problems])

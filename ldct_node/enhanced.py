@@ -28,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from ldct_node.dicomio import InputError, _ensure_transfer_syntax, stored_range
+from ldct_node.dicomio import MAX_SLICE_PIXELS, InputError, _ensure_transfer_syntax, stored_range
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,12 @@ def decode_frames_hu(ds: Dataset) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InputError(f"instance {uid}: missing or invalid Rows/Columns") from exc
+    # The single-frame limit, per frame: one frame is one slice for the networks.
+    if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
+        raise InputError(
+            f"instance {uid}: frames of {rows}x{cols} pixels are not CT slices this node "
+            f"takes (1 to {MAX_SLICE_PIXELS} pixels per frame)"
+        )
     frames = n_frames(ds)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         # Frames without functional groups have no per-frame geometry or rescale.
@@ -141,8 +147,11 @@ def decode_frames_hu(ds: Dataset) -> np.ndarray:
             f"expected ({frames}, {rows}, {cols})"
         )
     rescale = frame_rescales(ds)
-    hu = stored.astype(np.float64) * rescale[:, 0, None, None] + rescale[:, 1, None, None]
-    return hu.astype(np.float32)
+    # Frame by frame: no float64 copy of the whole stack.
+    hu = np.empty(stored.shape, np.float32)
+    for i, (slope, intercept) in enumerate(rescale):
+        hu[i] = stored[i].astype(np.float64) * slope + intercept
+    return hu
 
 
 def encode_frames_like(hu: np.ndarray, source: Dataset) -> np.ndarray:

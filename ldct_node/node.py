@@ -139,6 +139,7 @@ class Node:
                 batch_size=settings.model.batch_size,
                 device=settings.model.device,
                 precision=settings.model.precision,
+                memory_budget_mb=settings.model.memory_budget_mb,
             )
             self.cascade.warm_up()
         self.forwarder = Forwarder(settings, self.db, owner=self.worker_id)

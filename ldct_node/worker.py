@@ -14,6 +14,7 @@ several profiles of one series share one cascade run. Between batches it checks 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -36,9 +37,46 @@ from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
 from ldct_node.model.fidelity import restore_low_frequency
 from ldct_node.routing import destinations_for
-from ldct_node.spool import Spool
+from ldct_node.spool import BYTES_PER_GB, Spool
 
 logger = logging.getLogger(__name__)
+
+#: errno values that mean the filesystem has no room (a quota counts as no room).
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: Room a derived instance needs beyond its pixels (header, file meta).
+_HEADER_BYTES = 64 * 1024
+
+
+class DiskFullError(OSError):
+    """No room to write a derived series (out of space, or below ``storage.min_free_gb``):
+    a resource condition, not a fault of the job. An ``OSError`` with errno ENOSPC, so
+    callers that handle I/O errors (``ldct-node denoise``) handle it too."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True if ``exc`` or an exception it was raised from is a "no space left" error.
+
+    pydicom re-raises a write error as ``type(exc)(message)``, which loses the errno:
+    the chain (``__cause__`` / ``__context__``) still holds the original.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return True
+        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def derived_bytes(hu: np.ndarray) -> int:
+    """Room one derived instance of ``hu`` takes on disk (16-bit pixels plus header)."""
+    return int(hu.size) * 2 + _HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -149,11 +187,15 @@ class DerivedWriter:
         dicom: DicomSettings,
         output_root: Path,
         model_version: str,
+        space_check: Callable[[int], None] | None = None,
     ) -> None:
         if not datasets:
             raise ValueError("datasets is empty: a series needs at least one instance")
         if not profiles:
             raise ValueError("profiles is empty: at least one output profile is needed")
+        #: Called with the bytes about to be written before each derived instance; raises
+        #: :class:`DiskFullError` to stop (e.g. below ``storage.min_free_gb``).
+        self.space_check = space_check
         self.datasets = datasets
         self.profiles = list(profiles)
         self.dicom = dicom
@@ -207,6 +249,8 @@ class DerivedWriter:
 
     def _write(self, index: int, hu: np.ndarray, denoised: np.ndarray) -> list[Path]:
         ds = self.datasets[index]
+        if self.space_check is not None:
+            self.space_check(derived_bytes(hu) * len(self.profiles))
         return [
             _write_one(
                 ds,
@@ -322,6 +366,10 @@ def _write_one(
         )
         return write_derived(derived, directory)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
+        if is_out_of_space(exc):
+            raise DiskFullError(
+                f"no space left on the device of {directory} while writing a derived instance"
+            ) from exc
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a real I/O error (disk full...), not the header; pydicom's have no errno
         uid = source.get("SOPInstanceUID", "?")
@@ -343,6 +391,10 @@ def _write_one(
 HEARTBEAT_SECONDS = 10.0
 #: Pause after an unexpected error of the loop itself (database down...).
 ERROR_PAUSE_SECONDS = 5.0
+#: After a job was deferred for want of disk space, the worker claims nothing until there
+#: is room again and at least this long has passed (doubling per deferral, up to the max).
+SPACE_BACKOFF_SECONDS = 2.0
+SPACE_BACKOFF_MAX_SECONDS = 60.0
 
 
 class _ShutdownRequestedError(Exception):
@@ -447,6 +499,9 @@ class Worker:
     lease_seconds
         How long a claimed job stays ours without a heartbeat (default
         ``worker.lease_seconds``).
+    space_backoff_seconds
+        After a job was deferred for want of disk space, the first pause before the next
+        claim (doubling per deferral up to ``SPACE_BACKOFF_MAX_SECONDS``).
     """
 
     def __init__(
@@ -460,7 +515,10 @@ class Worker:
         on_forwarding: Callable[[], None] | None = None,
         heartbeat_seconds: float | None = None,
         lease_seconds: float | None = None,
+        space_backoff_seconds: float = SPACE_BACKOFF_SECONDS,
     ) -> None:
+        if not space_backoff_seconds > 0:
+            raise ValueError(f"space_backoff_seconds: must be > 0, got {space_backoff_seconds}")
         if lease_seconds is None:
             lease_seconds = settings.worker.lease_seconds
         if not lease_seconds > 0:
@@ -482,6 +540,10 @@ class Worker:
         #: How many times this worker ran the cascade (reused outputs do not count).
         self.cascade_runs = 0
         self._last_output: tuple[tuple[str, tuple[str, ...]], CascadeOutput] | None = None
+        #: While waiting for disk space: (bytes needed, monotonic time of the next try).
+        self._space_wait: tuple[int, float] | None = None
+        self.space_backoff_seconds = space_backoff_seconds
+        self._space_backoff = space_backoff_seconds
 
     # -- control ------------------------------------------------------------------------
     def wake(self) -> None:
@@ -522,12 +584,28 @@ class Worker:
         JobState | None
             The job's state afterwards, or None when nothing was queued (or stopping).
         """
-        if self._stop.is_set():
+        if self._stop.is_set() or self.waiting_for_space():
             return None
         job = self.db.claim_next_job(self.worker_id, lease_seconds=self.lease_seconds)
         if job is None:
             return None
         return self.process(job)
+
+    def waiting_for_space(self) -> bool:
+        """True while a job was deferred for want of disk space and there is still no
+        room for it (``storage.min_free_gb`` plus what it needs), or its backoff runs."""
+        if self._space_wait is None:
+            return False
+        needed, not_before = self._space_wait
+        if time.monotonic() < not_before or not self.spool.has_space(
+            self.settings.storage.min_free_gb, needed
+        ):
+            return True
+        logger.info(
+            "disk space is back (%.2f GB free): resuming jobs", self.spool.free_bytes() / 1e9
+        )
+        self._space_wait = None
+        return False
 
     # -- one job ------------------------------------------------------------------------
     def process(self, job: JobInfo) -> JobState:
@@ -558,18 +636,23 @@ class Worker:
                 if beat.lost.is_set():
                     raise _JobLostError
 
+            needed = 0
             try:
                 paths, datasets = self._load(job, checkpoint)
                 checkpoint()
                 # A previous run's output (interrupted, or an older model) must not mix in.
                 if output_root.exists():
                     self.spool.purge_paths([output_root])
+                needed = _series_bytes(datasets, paths)
+                self._check_space(needed, "the derived series")
                 output_root = self.spool.derived_dir(f"job-{job.id}")
                 written = self._denoise(job, paths, datasets, profile, output_root, checkpoint)
             except _ShutdownRequestedError:
                 return self._hand_back(job.id)
             except _JobLostError:
                 return self._abandoned(job.id, output_root)
+            except DiskFullError as exc:
+                return self._defer(job.id, exc, needed, output_root)
             except _JobInputError as exc:
                 return self._fail(job.id, str(exc))
             except InputError as exc:
@@ -578,6 +661,8 @@ class Worker:
                     f"{exc}. Re-send the series from its source, or cancel job {job.id}",
                 )
             except Exception as exc:
+                if is_out_of_space(exc):
+                    return self._defer(job.id, exc, needed, output_root)
                 logger.exception("job %d: unexpected error", job.id)
                 return self._fail(
                     job.id,
@@ -585,6 +670,7 @@ class Worker:
                     f"retry job {job.id} once the cause is fixed",
                 )
         derived = written[0]
+        self._space_backoff = self.space_backoff_seconds
         monitoring.JOBS_PROCESSED.labels(profile.name).inc()
         elapsed = time.monotonic() - started
         monitoring.JOB_PROCESSING_SECONDS.labels(profile.name).observe(elapsed)
@@ -637,17 +723,27 @@ class Worker:
                 job.series_instance_uid,
                 job.profile,
             )
-            return write_derived_series(
+            with DerivedWriter(
                 datasets,
-                self._last_output[1],
                 [profile],
                 self.settings.dicom,
                 output_root,
                 model_version,
-            )
+                space_check=self._check_space,
+            ) as writer:
+                for i, (src, out) in enumerate(
+                    zip(self._last_output[1].hu, self._last_output[1].denoised, strict=True)
+                ):
+                    writer.submit(i, src, out)
+                return writer.finish()
         self._last_output = None  # free the memory before the next run
         with DerivedWriter(
-            datasets, [profile], self.settings.dicom, output_root, model_version
+            datasets,
+            [profile],
+            self.settings.dicom,
+            output_root,
+            model_version,
+            space_check=self._check_space,
         ) as writer:
             output = run_cascade(
                 datasets, self.cascade, progress=checkpoint, on_instance=writer.submit
@@ -678,6 +774,38 @@ class Worker:
                     f"re-send the series, or cancel job {job.id}"
                 ) from None
         return paths, datasets
+
+    def _check_space(self, needed: int, what: str = "a derived instance") -> None:
+        """Raise :class:`DiskFullError` unless writing ``needed`` bytes into the spool
+        leaves ``storage.min_free_gb`` free (the receiver's guard, for derived writes)."""
+        min_free_gb = self.settings.storage.min_free_gb
+        if not self.spool.has_space(min_free_gb, needed):
+            raise DiskFullError(
+                f"{self.spool.free_bytes() / BYTES_PER_GB:.2f} GB free in the spool, "
+                f"{what} needs {needed / 1e6:.1f} MB above storage.min_free_gb = "
+                f"{min_free_gb:g}"
+            )
+
+    def _defer(self, job_id: int, exc: BaseException, needed: int, output_root: Path) -> JobState:
+        """Out of disk space: what the job wrote is removed, the job goes back to the
+        queue with the reason, and this worker claims nothing until there is room (and
+        its backoff has passed)."""
+        if output_root.exists():
+            with contextlib.suppress(OSError):
+                self.spool.purge_paths([output_root])
+        min_free_gb = self.settings.storage.min_free_gb
+        reason = (
+            f"waiting for disk space ({exc}); the job resumes by itself once the spool has "
+            f"{needed / 1e6:.1f} MB free above storage.min_free_gb = {min_free_gb:g}"
+            " (free space on it, or purge finished series sooner with "
+            "storage.retention_days)"
+        )
+        backoff = self._space_backoff
+        self._space_backoff = min(backoff * 2, SPACE_BACKOFF_MAX_SECONDS)
+        self._space_wait = (needed, time.monotonic() + backoff)
+        if self.db.defer_job(job_id, self.worker_id, reason):
+            logger.warning("job %d: deferred, %s", job_id, reason)
+        return JobState(self.db.get_job(job_id).state)
 
     def _fail(self, job_id: int, reason: str) -> JobState:
         try:
@@ -713,3 +841,17 @@ class Worker:
 
 class _JobInputError(Exception):
     """The job's input cannot be processed; the message says what to do."""
+
+
+def _series_bytes(datasets: Sequence[Dataset], paths: Sequence[Path]) -> int:
+    """Room the derived series of these instances takes (16-bit pixels plus headers);
+    the source file's size where its header gives no usable size."""
+    total = 0
+    for ds, path in zip(datasets, paths, strict=True):
+        try:
+            pixels = int(ds.Rows) * int(ds.Columns) * max(int(ds.get("NumberOfFrames") or 1), 1)
+            total += pixels * 2 + _HEADER_BYTES
+        except (AttributeError, TypeError, ValueError):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return total

@@ -9,10 +9,13 @@ pynetdicom SCP as PACS. The load figures are printed (``pytest -s``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,3 +334,144 @@ def test_pacs_down_then_up_backs_off_as_configured_and_delivers(
     (fwd,) = job.forwards
     assert fwd.attempts >= 4 and fwd.last_error is None
     assert cli("status", "--config", node.config).returncode == 0
+
+
+# ------------------------------------------------------- disk full while deriving
+
+
+def _jobs_summary(db: Database) -> list[tuple[int, str, str]]:
+    return [(j.id, j.state, (j.error or "")[:60]) for j in db.list_jobs()]
+
+
+@pytest.mark.slow
+def test_derivation_below_min_free_gb_waits_and_every_job_completes_once_space_is_back(
+    tmp_path: Path, node_factory: NodeFactory
+) -> None:
+    """storage.min_free_gb guards derived writes too: received, then the disk fills
+    (1 GB of real blocks): the jobs wait, ``status`` says why, none fails; space back:
+    all complete, no ``retry``."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < 3 * GB:
+        pytest.skip(f"needs 3 GB free on {tmp_path}'s filesystem, has {free / GB:.1f}")
+    min_free_gb = (free - GB // 2) / GB
+    node = node_factory(storage={"min_free_gb": min_free_gb}, series={"stable_seconds": 3})
+    series = [
+        make_ct_series(tmp_path, n=2, size=32, seed=k, subdir=f"s{k}", series_number=k + 1)
+        for k in range(5)
+    ]
+    with scu_association(node.port, [CT]) as assoc:
+        for files in series:
+            for path in files:
+                assert assoc.send_c_store(path).Status == receive.SUCCESS
+    ballast = tmp_path / "ballast.bin"
+    fd = os.open(ballast, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, GB)  # real blocks: free space drops by 1 GB
+    finally:
+        os.close(fd)
+    try:
+        assert shutil.disk_usage(tmp_path).free < min_free_gb * GB
+
+        def waiting() -> list[JobInfo] | None:
+            jobs = node.db.list_jobs()
+            held = [j for j in jobs if (j.error or "").startswith("waiting for disk space")]
+            return held if len(jobs) == 5 and held else None
+
+        wait_for(
+            waiting,
+            timeout=JOB_TIMEOUT_S,
+            what="a job waiting for disk space",
+            details=lambda: f"{_jobs_summary(node.db)}\n{node.serve.log()[-3000:]}",
+        )
+        status = cli("status", "--config", node.config, "--json")
+        assert "waiting for disk space" in status.stdout, status.stdout
+        assert "storage.min_free_gb" in status.stdout
+        time.sleep(3)  # a while without space: nothing fails, nothing is written
+        jobs = node.db.list_jobs()
+        assert all(j.state in (JobState.QUEUED, JobState.RUNNING) for j in jobs), jobs
+        derived = Path(node.settings.spool_path) / "derived"
+        assert list(derived.rglob("*.dcm")) == []
+    finally:
+        ballast.unlink()
+    freed = time.monotonic()
+    done = [node.wait_done(series_uid(files[0]), n_instances=2) for files in series]
+    assert all(job.error is None for job in done)
+    # The first job, tried while space was short, ran again by itself; the worker
+    # waited with the others instead of trying (and failing) each of them.
+    assert done[0].attempts == 2 and all(job.attempts == 1 for job in done[1:])
+    print(f"5 jobs done {time.monotonic() - freed:.1f} s after space came back")
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return res.returncode == 0
+
+
+def test_real_enospc_while_writing_derived_defers_the_jobs_and_they_resume(
+    tmp_path: Path, untrained_weights: Path
+) -> None:
+    """The derived folder on a full filesystem: writes fail with errno 28 (inside
+    pydicom's writer, which loses the errno). The jobs go back to the queue with the
+    reason and finish by themselves once there is room."""
+    from ldct_node.model.cascade import Cascade
+    from ldct_node.worker import Worker
+
+    settings = node_settings(tmp_path, series={"stable_seconds": 0})
+    derived = Path(settings.spool_path) / "derived"
+    if not _mount_tmpfs(derived, "512k"):
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        with running_receiver(settings) as node:
+            filler = derived / "filler.bin"
+            with filler.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+                while True:  # until the filesystem is full (ENOSPC)
+                    fh.write(b"\0" * 4096)
+            assert shutil.disk_usage(derived).free < 64 * 1024
+            uids = []
+            with scu_association(node.port, [CT]) as assoc:
+                for k in range(3):
+                    files = make_ct_series(tmp_path, n=2, size=64, seed=k, subdir=f"s{k}")
+                    uids.append(series_uid(files[0]))
+                    for path in files:
+                        assert assoc.send_c_store(path).Status == receive.SUCCESS
+            assert len(node.db.promote_stable_series(stable_seconds=0)) == 3
+            cascade = Cascade.load(untrained_weights, batch_size=2, device="cpu")
+            worker = Worker(settings, node.db, node.spool, cascade, space_backoff_seconds=0.05)
+            tried: list[JobState | None] = []
+            deadline = time.monotonic() + 60
+            while tried.count(JobState.QUEUED) < 2 and time.monotonic() < deadline:
+                tried.append(worker.run_once())  # None while it waits (backoff, space)
+                time.sleep(0.05)
+            assert tried.count(JobState.QUEUED) == 2, tried  # two tried: both deferred
+            jobs = node.db.list_jobs()
+            assert [j.state for j in jobs] == [JobState.QUEUED] * 3
+            deferred = [j for j in jobs if j.error]
+            assert len(deferred) == 2
+            assert all("waiting for disk space" in (j.error or "") for j in deferred)
+            assert all("no space left on the device" in (j.error or "") for j in deferred), deferred
+            assert [p.name for p in derived.iterdir()] == ["filler.bin"]  # nothing half-written
+            assert node.db.status_summary().last_errors[0].error.startswith("waiting")
+
+            filler.unlink()
+            thread = threading.Thread(target=worker.run_forever, args=(0.1,), daemon=True)
+            freed = time.monotonic()
+            thread.start()
+            try:
+                wait_for(
+                    lambda: all(j.state == JobState.DONE for j in node.db.list_jobs()),
+                    timeout=120,
+                    what="every job done",
+                    details=lambda: str(_jobs_summary(node.db)),
+                )
+            finally:
+                worker.stop()
+                thread.join(timeout=60)
+            print(f"3 jobs done {time.monotonic() - freed:.1f} s after space came back")
+            assert all(j.error is None and j.n_instances == 2 for j in node.db.list_jobs())
+    finally:
+        subprocess.run(["umount", "-l", str(derived)], check=False, capture_output=True)

@@ -7,15 +7,27 @@
 The networks work in a fixed "model range": HU -1024..3072 maps linearly to 0..1.
 Pixels outside that range (padding outside the field of view, dense metal) are not
 seen correctly by the networks, so they keep their input values.
+
+Memory: with a ``memory_budget_mb`` the cascade sizes each network call to what is left
+of the budget after what the process already holds: several slices per call while they
+fit, else one slice, else overlapping tiles of one slice. A tile is extended on every
+side by the networks' receptive-field radius (:func:`receptive_halo`, 34 pixels for the
+DRL cascade), so each output pixel sees exactly the input it sees untiled and the tiled
+result equals the untiled one (up to float rounding of the convolution kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
+import math
+import os
+import resource
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +57,38 @@ PRECISION_POLICIES = {
     "bfloat16": "mixed_bfloat16",
     "mixed_float16": "mixed_float16",
 }
+
+
+#: Working memory of one network call per input pixel (activations of both networks and
+#: TensorFlow's scratch), by engine. Measured peak-RSS growth of a float32 call on a
+#: 2-core AVX-512 CPU: fused 1,490 B at 512x512 (2,060 B at 256x256, where fixed costs
+#: weigh more; issue 15 measured ~1,300 B at 2048x2048); keras 1,330 B at 512x512.
+#: Rounded up: the budget must hold.
+BYTES_PER_PIXEL = {"fused": 1_800, "keras": 1_800}
+#: Whole-slice arrays :meth:`Cascade.denoise` holds besides the network call, per pixel
+#: of the stack it is given: the float32 output, the out-of-range mask, the merged and
+#: blended copies.
+STACK_BYTES_PER_PIXEL = 24
+#: Share of the budget left to what runs beside inference (the thread decoding the next
+#: instance, the thread writing the previous one).
+BUDGET_HEADROOM = 0.15
+#: Smallest tile core (pixels per side): a budget too small for it is overrun (warned).
+MIN_TILE_CORE = 64
+#: Layers that do not look at neighbouring pixels (tiling does not change what they do).
+_POINTWISE_LAYERS = frozenset(
+    {
+        "InputLayer",
+        "BatchNormalization",
+        "ReLU",
+        "Activation",
+        "Concatenate",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Dropout",
+        "Rescaling",
+    }
+)
 
 
 class WeightsError(RuntimeError):
@@ -134,6 +178,101 @@ class Manifest:
             raise WeightsError(f"{path}: malformed manifest ({exc!r})") from None
 
 
+def receptive_halo(networks: Sequence[Any]) -> int | None:
+    """Receptive-field radius (pixels) of the networks applied one after the other.
+
+    The sum over every convolution of ``dilation * (kernel - 1) / 2``: an output pixel
+    depends on input pixels at most this far away (Chebyshev distance), and no farther
+    along a chain through every convolution. For DRL that chain exists (conv1 -> conv2
+    -> ... -> conv7: 2 + 2 + 3 + 4 + 3 + 2 + 1 = 17), so 17 per DRL is exact and the
+    cascade's is 34.
+
+    Returns
+    -------
+    int | None
+        None when a network holds a layer that is not a stride-1 'same' convolution or
+        a pixel-wise layer (pooling, resampling...): such networks are never tiled.
+    """
+    import keras
+
+    from ldct_node.model.networks import _iter_layers
+
+    total = 0
+    for net in networks:
+        for layer in _iter_layers(net):
+            if isinstance(layer, keras.layers.Conv2D) and type(layer).__name__ == "Conv2D":
+                if tuple(layer.strides) != (1, 1) or layer.padding != "same":
+                    return None
+                (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation_rate
+                total += max(dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+            elif type(layer).__name__ not in _POINTWISE_LAYERS:
+                return None
+    return total
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a slice: the input region the networks see (``source``, the core
+    extended by the halo and clipped to the slice), the output region it fills
+    (``target``) and where that lies within the tile (``crop``)."""
+
+    source: tuple[slice, slice]
+    target: tuple[slice, slice]
+    crop: tuple[slice, slice]
+
+
+def _split(length: int, core: int) -> list[tuple[int, int]]:
+    """``[0, length)`` cut into near-equal parts of at most ``core``."""
+    parts = max(1, math.ceil(length / core))
+    edges = [round(i * length / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def plan_tiles(height: int, width: int, halo: int, max_pixels: int) -> list[Tile]:
+    """Overlapping tiles covering a ``height x width`` slice, each at most ``max_pixels``
+    pixels with its halo (unless that is below a ``MIN_TILE_CORE`` core plus halo).
+
+    Full-width strips when a strip of ``MIN_TILE_CORE`` rows fits, else square tiles.
+    Cores are cut near-equal, so there are few distinct tile shapes (each a new trace).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"height, width: must be >= 1, got {height}x{width}")
+    if halo < 0:
+        raise ValueError(f"halo: must be >= 0, got {halo}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels: must be >= 1, got {max_pixels}")
+    if height * width <= max_pixels:
+        whole = (slice(0, height), slice(0, width))
+        return [Tile(whole, whole, whole)]
+    if width * (MIN_TILE_CORE + 2 * halo) <= max_pixels:
+        core_y, core_x = max_pixels // width - 2 * halo, width
+    else:
+        core_y = core_x = max(MIN_TILE_CORE, math.isqrt(max_pixels) - 2 * halo)
+    tiles = []
+    for y0, y1 in _split(height, core_y):
+        for x0, x1 in _split(width, core_x):
+            sy0, sy1 = max(0, y0 - halo), min(height, y1 + halo)
+            sx0, sx1 = max(0, x0 - halo), min(width, x1 + halo)
+            tiles.append(
+                Tile(
+                    source=(slice(sy0, sy1), slice(sx0, sx1)),
+                    target=(slice(y0, y1), slice(x0, x1)),
+                    crop=(slice(y0 - sy0, y1 - sy0), slice(x0 - sx0, x1 - sx0)),
+                )
+            )
+    return tiles
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``), else its peak so far."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def _device_scope(device: str) -> contextlib.AbstractContextManager[Any]:
     """A context that places computation on the requested device, for the active backend."""
     if device not in ("auto", "cpu", "gpu"):
@@ -195,9 +334,12 @@ class Cascade:
         stages: list[tuple[Any, str]] | None = None,
         method: str = "C",
         engine: str = "auto",
+        memory_budget_mb: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb: must be > 0, got {memory_budget_mb}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if stages is None:
@@ -237,6 +379,17 @@ class Cascade:
             raise ValueError("engine 'fused' needs the DRL cascade (C); use 'keras' or 'auto'")
         #: The engine in use: "fused" or "keras".
         self.engine = "fused" if self._fused is not None else "keras"
+        #: Process memory (MB) inference sizes its calls to stay under; None: unbounded.
+        self.memory_budget_mb = memory_budget_mb
+        #: Receptive-field radius of the whole pipeline; None: never tiled.
+        self.halo = receptive_halo([net for net, _ in stages])
+        self._warned_budget = False
+        if memory_budget_mb is not None and self.halo is None:
+            logger.warning(
+                "model.memory_budget_mb: the %s networks cannot be tiled; only the batch "
+                "follows the budget",
+                method,
+            )
 
     def warm_up(self, size: int = 64) -> None:
         """Run one small slice, so that graph tracing is not paid by the first job."""
@@ -258,12 +411,15 @@ class Cascade:
         device: str = "auto",
         precision: str = "float32",
         engine: str = "auto",
+        memory_budget_mb: float | None = None,
     ) -> Cascade:
         """Build both networks and load the weights named in ``weights_dir/MANIFEST.json``.
 
         Every weights file is checked against its sha256 before it is loaded.
         ``engine`` "auto" runs the fused graph (:mod:`ldct_node.model.fused`) when the
         networks are DRLs, "keras" the Keras models as built (the reference).
+        ``memory_budget_mb`` bounds the process's memory during inference (see
+        :meth:`denoise`).
         """
         from ldct_node.model.networks import NETWORK_BUILDERS
 
@@ -297,6 +453,7 @@ class Cascade:
                 stages=[(nets[role], output) for role, output in manifest.pipeline],
                 method=manifest.method,
                 engine=engine,
+                memory_budget_mb=memory_budget_mb,
             )
         logger.info(
             "loaded cascade %s from %s (precision %s, device %s, %s engine)",
@@ -308,12 +465,45 @@ class Cascade:
         )
         return cascade
 
+    def pixels_per_call(self, stack_pixels: int = 0) -> int:
+        """How many input pixels one network call may take now under the budget.
+
+        What is left of ``memory_budget_mb`` (less ``BUDGET_HEADROOM``) after what the
+        process holds now and the whole-stack arrays of a ``stack_pixels`` stack,
+        divided by the engine's working memory per pixel. Never below one
+        ``MIN_TILE_CORE`` tile with its halo (a warning says the budget is overrun).
+        """
+        if stack_pixels < 0:
+            raise ValueError(f"stack_pixels: must be >= 0, got {stack_pixels}")
+        if self.memory_budget_mb is None:
+            return sys.maxsize
+        free = (
+            self.memory_budget_mb * (1.0 - BUDGET_HEADROOM) * 2**20
+            - resident_bytes()
+            - STACK_BYTES_PER_PIXEL * stack_pixels
+        )
+        pixels = int(free // BYTES_PER_PIXEL[self.engine])
+        floor = (MIN_TILE_CORE + 2 * (self.halo or 0)) ** 2
+        if pixels < floor:
+            if not self._warned_budget:
+                logger.warning(
+                    "model.memory_budget_mb = %g is too small for this process (%d MB "
+                    "resident before inference): running the smallest tiles, which may "
+                    "exceed it",
+                    self.memory_budget_mb,
+                    resident_bytes() // 2**20,
+                )
+                self._warned_budget = True
+            pixels = floor
+        return pixels
+
     def denoise(
         self,
         slices_hu: np.ndarray,
         *,
         blend: float = 0.0,
         progress: Callable[[int], None] | None = None,
+        max_pixels: int | None = None,
     ) -> np.ndarray:
         """Denoise one slice ``(H, W)`` or a stack ``(N, H, W)`` given in HU.
 
@@ -324,7 +514,13 @@ class Cascade:
         blend
             ``final = (1 - blend) * denoised + blend * input``, 0 <= blend <= 1.
         progress
-            Called with the number of slices finished after each batch.
+            Called with the number of slices finished after each batch (with 0 after
+            each tile of a tiled slice).
+        max_pixels
+            Input pixels per network call; default from ``memory_budget_mb``
+            (:meth:`pixels_per_call`, unbounded without a budget). Up to
+            ``batch_size`` slices go into one call while they fit; a slice larger than
+            this runs as overlapping tiles (:func:`plan_tiles`) with the same result.
 
         Returns
         -------
@@ -333,19 +529,47 @@ class Cascade:
         """
         if not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be within [0, 1], got {blend}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels: must be >= 1, got {max_pixels}")
         hu = np.asarray(slices_hu, dtype=np.float32)
         if hu.ndim not in (2, 3) or min(hu.shape[-2:]) < 1:
             raise ValueError(f"slices_hu must be (H, W) or (N, H, W), got shape {hu.shape}")
         single = hu.ndim == 2
         stack = hu[None] if single else hu
         out = np.empty_like(stack)
-        for start in range(0, stack.shape[0], self.batch_size):
-            batch = hu_to_model(stack[start : start + self.batch_size])[..., None]
-            pred = self.predict_model_range(batch)
-            # The networks never saw values outside the model range: clip to it.
-            out[start : start + len(batch)] = model_to_hu(np.clip(pred[..., 0], 0.0, 1.0))
-            if progress is not None:
-                progress(len(batch))
+        height, width = stack.shape[1:]
+        limit = self.pixels_per_call(stack.size) if max_pixels is None else max_pixels
+        if height * width <= limit or self.halo is None:
+            per_call = max(1, min(self.batch_size, limit // (height * width)))
+            for start in range(0, stack.shape[0], per_call):
+                batch = hu_to_model(stack[start : start + per_call])[..., None]
+                pred = self.predict_model_range(batch)
+                # The networks never saw values outside the model range: clip to it.
+                count = len(batch)
+                out[start : start + count] = model_to_hu(np.clip(pred[..., 0], 0.0, 1.0))
+                del batch, pred
+                if progress is not None:
+                    progress(count)
+        else:
+            tiles = plan_tiles(height, width, self.halo, limit)
+            logger.debug(
+                "denoising %dx%d slices as %d tiles (halo %d, <= %d pixels per call)",
+                height,
+                width,
+                len(tiles),
+                self.halo,
+                limit,
+            )
+            for index in range(stack.shape[0]):
+                for tile in tiles:
+                    batch = hu_to_model(stack[index][tile.source])[None, ..., None]
+                    pred = self.predict_model_range(batch)[0, ..., 0][tile.crop]
+                    out[index][tile.target] = model_to_hu(np.clip(pred, 0.0, 1.0))
+                    del batch, pred
+                    if progress is not None:
+                        progress(0)  # a tile done: lets the caller stop between tiles
+                if progress is not None:
+                    progress(1)
         outside = (stack < HU_MIN) | (stack > HU_MIN + HU_RANGE)
         out = blend_with_input(np.where(outside, stack, out), stack, blend)
         return out[0] if single else out
