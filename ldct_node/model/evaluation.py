@@ -773,8 +773,8 @@ def record_in_manifest(
         "held_out": held_out,
         "these_weights": mine,
         **{
-            key: summary[key]
-            for key in ("images", "methods", "n_cases", "n_slices", "truth", "anatomy", "qa")
+            name: summary[name]
+            for name in ("images", "methods", "n_cases", "n_slices", "truth", "anatomy", "qa")
         },
         "goals": summary["goals"],
     }
@@ -785,4 +785,4 @@ def record_in_manifest(
         encoding="utf-8",
     )
     os.replace(tmp, path)
-    return manifest["evaluation"]
+    return dict(manifest[key])
