@@ -11,8 +11,10 @@ import pytest
 from _dicom_util import compress, hu_of, make_ct_series, needs_dcmtk
 from conftest import run_cli
 
+from ldct_node.config import OutputProfile
 from ldct_node.dicomio import decode_hu
 from ldct_node.model.cascade import Cascade
+from ldct_node.worker import profile_image
 
 
 def _derived_files(out: Path) -> dict[str, list[Path]]:
@@ -54,7 +56,9 @@ def test_denoise_two_series_in_one_folder(tmp_path: Path, untrained_weights: Pat
             by_src = {str(s.SOPInstanceUID): s for s in src_b}
             for d, path in zip(derived, files, strict=True):
                 source = by_src[str(d.SourceImageSequence[0].ReferencedSOPInstanceUID)]
-                expected = cascade.denoise(decode_hu(source))
+                # ... after the default profile's CT-number fidelity step.
+                hu = decode_hu(source)
+                expected = profile_image(source, hu, cascade.denoise(hu), OutputProfile())
                 np.testing.assert_allclose(hu_of(path), expected, atol=0.51)
                 assert d.InstanceNumber == source.InstanceNumber
                 assert d.ImagePositionPatient == source.ImagePositionPatient

@@ -39,6 +39,7 @@ from ldct_node.config import Settings, load_settings
 from ldct_node.db import Database, JobInfo, JobState
 from ldct_node.dicomio import decode_hu
 from ldct_node.model.cascade import Cascade
+from ldct_node.worker import profile_image
 
 pytestmark = [needs_storescp, pytest.mark.slow]
 
@@ -153,9 +154,12 @@ def test_series_in_derived_series_out(
 
     # The pixels are the cascade's output for the source (same weights, same batches).
     cascade = Cascade.load(untrained_weights, batch_size=node.settings.model.batch_size)
-    expected = cascade.denoise(np.stack([hu_of(f) for f in files]))
+    hus = np.stack([hu_of(f) for f in files])
+    expected = cascade.denoise(hus)
+    profile = node.settings.outputs[0]  # and its CT-number fidelity step
     want = {
-        uid: expected[i] for i, uid in enumerate(pydicom.dcmread(f).SOPInstanceUID for f in files)
+        ds.SOPInstanceUID: profile_image(ds, hus[i], expected[i], profile)
+        for i, ds in enumerate(pydicom.dcmread(f) for f in files)
     }
     for ds in derived:
         got = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(

@@ -21,7 +21,7 @@ from ldct_node.forward import Forwarder
 from ldct_node.model.cascade import Cascade
 from ldct_node.scheduler import NodeScheduler, forward_interval, purge_expired, stability_interval
 from ldct_node.spool import Spool
-from ldct_node.worker import Worker, run_cascade
+from ldct_node.worker import Worker, profile_image, run_cascade
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 4242}
 
@@ -84,8 +84,11 @@ def test_job_is_denoised_written_and_handed_to_forwarding(
     by_source = {
         ds.SourceImageSequence[0].ReferencedSOPInstanceUID: decode_hu(ds) for ds in derived
     }
-    for path, want in zip(files, expected, strict=True):
-        got = by_source[pydicom.dcmread(path).SOPInstanceUID]
+    profile = node.settings.outputs[0]  # after its CT-number fidelity step
+    for path, hu, out in zip(files, source, expected, strict=True):
+        src = pydicom.dcmread(path)
+        want = profile_image(src, hu, out, profile)
+        got = by_source[src.SOPInstanceUID]
         assert np.max(np.abs(got - np.rint(want))) <= 1.0
 
 
