@@ -409,6 +409,11 @@ def _stage_loss(
     return make_perceptual_mse_loss(extractor, opts.perceptual_weight, scale or 1.0), scale
 
 
+def _stage_done(state: dict[str, int], stage: int, epochs: int) -> bool:
+    """Whether the checkpoint state says ``stage`` has trained all its ``epochs``."""
+    return state["stage"] > stage or (state["stage"] == stage and state["epochs_done"] >= epochs)
+
+
 def _stage_epochs(spec: StageSpec, opts: TrainOptions) -> int:
     return opts.epochs_perceptual if spec.loss == "perceptual" else opts.epochs_difference
 
@@ -672,9 +677,14 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
                     )
                     state = {"stage": k + 1, "epochs_done": 0}
         nets.append(net)
-        # The next stage learns from this stage's output (after the last stage only the
-        # metrics need it, from the validation patches when there are any).
-        if k < n_stages or x_val is None:
+        # A later stage that still trains learns from this stage's output; otherwise only
+        # the metrics need it, from the validation patches when there are any (a resumed
+        # run whose last stage is already done predicts no training patches).
+        later_trains = any(
+            j > len(reused) and not _stage_done(state, j, _stage_epochs(stages[j - 1], opts))
+            for j in range(k + 1, n_stages + 1)
+        )
+        if later_trains or x_val is None:
             x_train = _apply_stage(spec, net, x_train, opts.batch_size, opts.distributed)
         if x_val is not None:
             x_val = _apply_stage(spec, net, x_val, opts.batch_size, opts.distributed)
