@@ -66,7 +66,8 @@ def test_evaluate_command_reports_every_method(
         Cascade.load(weights).model_version
         == json.loads((untrained_weights / "MANIFEST.json").read_text())["model_version"]
     )
-    methods = ["C", "C, blend 0.3"] + (["BM3D"] if HAVE_BM3D else [])
+    methods = ["C", "C, blend 0.3", "C, fidelity 2 mm", "C, fidelity 2 mm, blend 0.3"]
+    methods += ["BM3D"] if HAVE_BM3D else []
     assert data["images"] == ["LDCT", "NDCT", *methods]
     assert data["n_cases"] == {"anatomy": 1, "qa": 1}
     assert set(data["per_case"]) == {"body/sim0001", "qa/sim0001"}
