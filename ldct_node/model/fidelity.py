@@ -33,6 +33,11 @@ EDGE_FACTOR = 4.0
 
 _MAD_TO_STD = 1.4826
 
+MAX_SIGMA_PX = 64.0
+"""Cap on the Gaussian's sigma in pixels. A garbage PixelSpacing (0.001 mm) would ask
+for sigma in the thousands and a kernel that takes minutes per slice; past the cap the
+low-pass is already close to the slice mean."""
+
 
 def restore_low_frequency(
     denoised: np.ndarray,
@@ -76,7 +81,7 @@ def restore_low_frequency(
     out = denoised.astype(np.float32, copy=True)
     if fidelity_mm == 0:
         return out
-    sigma = fidelity_mm / pixel_spacing_mm
+    sigma = min(fidelity_mm / pixel_spacing_mm, MAX_SIGMA_PX, float(max(out.shape[-2:])))
     slices = out.reshape((-1, *out.shape[-2:]))
     for k, (den, src) in enumerate(zip(slices, source.reshape(slices.shape), strict=True)):
         slices[k] = den + _low_frequency_shift(src.astype(np.float32) - den, sigma, edge_factor)
