@@ -677,16 +677,28 @@ def slice_normal(ds: Dataset) -> np.ndarray | None:
     return normal / norm if norm > 1e-6 else None
 
 
-def slice_position(ds: Dataset, normal: np.ndarray | None = None) -> float | None:
-    """Position (mm) of an instance along ``normal`` (default: its own slice normal).
+#: The slice normal assumed where an instance has no usable orientation: axial.
+AXIAL_NORMAL = np.array([0.0, 0.0, 1.0])
 
-    ``None`` when the instance lacks ImagePositionPatient or an orientation.
+
+def slice_position(ds: Dataset, normal: np.ndarray | None = None) -> float | None:
+    """Position (mm) of an instance along ``normal`` (default: its own slice normal, or
+    the patient z axis without ImageOrientationPatient), for ordering a series.
+
+    Projecting on the normal orders oblique and gantry-tilted stacks correctly. The
+    receiver (for the job table) and ``denoise`` (for files) both order by this.
+    ``None`` when the instance has no usable ImagePositionPatient.
     """
-    normal = slice_normal(ds) if normal is None else normal
-    ipp = _floats(ds, "ImagePositionPatient", 3)
-    if normal is None or ipp is None:
+    try:
+        if normal is None:
+            normal = slice_normal(ds)
+        ipp = _floats(ds, "ImagePositionPatient", 3)
+    except (TypeError, ValueError, IndexError, AttributeError):  # unparseable values
         return None
-    return float(np.dot(normal, ipp))
+    if ipp is None:
+        return None
+    value = float(np.dot(AXIAL_NORMAL if normal is None else normal, ipp))
+    return value if np.isfinite(value) else None
 
 
 def _instance_number(ds: Dataset) -> int | None:
@@ -705,7 +717,7 @@ def _sort_instances(items: list[tuple[Path, Dataset]]) -> list[tuple[Path, Datas
         return items
     series_uid = items[0][1].get("SeriesInstanceUID", "?")
     normal = slice_normal(items[0][1])
-    positions = [slice_position(ds, normal) if normal is not None else None for _, ds in items]
+    positions = [slice_position(ds, normal) for _, ds in items]
     numbers = [_instance_number(ds) for _, ds in items]
     names = [str(path) for path, _ in items]
     keys: list[tuple[float, int, str]]

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -58,7 +57,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ldct_node.config import SecuritySettings, Settings
 from ldct_node.db import Database, ReceivedInstance
-from ldct_node.dicomio import processing_skip_reason
+from ldct_node.dicomio import processing_skip_reason, slice_position
 from ldct_node.monitoring import INSTANCES_RECEIVED
 from ldct_node.netguard import (
     INVALID_OBJECT_INSTANCE as INVALID_OBJECT_INSTANCE,
@@ -193,32 +192,6 @@ def _optional_int(ds: Dataset, keyword: str) -> int | None:
         value = ds.get(keyword)
         return None if value is None or value == "" else int(value)
     except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def slice_position(ds: Dataset) -> float | None:
-    """Position of the slice along its normal (mm), for ordering; None if unknown.
-
-    With ImageOrientationPatient the position is projected on the slice normal, which
-    orders oblique and gantry-tilted stacks correctly; without it, the z coordinate.
-    """
-    try:
-        ipp = ds.get("ImagePositionPatient")
-        if ipp is None or len(ipp) != 3:
-            return None
-        position = np.asarray([float(v) for v in ipp], dtype=np.float64)
-        iop = ds.get("ImageOrientationPatient")
-        if iop is not None and len(iop) == 6:
-            row = np.asarray([float(v) for v in iop[:3]], dtype=np.float64)
-            col = np.asarray([float(v) for v in iop[3:]], dtype=np.float64)
-            normal = np.cross(row, col)
-            norm = float(np.linalg.norm(normal))
-            if norm > 1e-6:
-                value = float(position @ (normal / norm))
-                return value if np.isfinite(value) else None
-        value = float(position[2])
-        return value if np.isfinite(value) else None
-    except (TypeError, ValueError, IndexError):
         return None
 
 

@@ -216,6 +216,10 @@ class Spool:
         """Bytes available to this (unprivileged) process on the spool's filesystem."""
         return shutil.disk_usage(self.root).free
 
+    def total_bytes(self) -> int:
+        """Size of the spool's filesystem."""
+        return shutil.disk_usage(self.root).total
+
     def has_space(self, min_free_gb: float, needed_bytes: int = 0) -> bool:
         """True if writing ``needed_bytes`` still leaves at least ``min_free_gb`` free."""
         if min_free_gb < 0:

@@ -32,7 +32,13 @@ from ldct_node import monitoring
 from ldct_node.config import DicomSettings, OutputProfile, Settings
 from ldct_node.db import Database, JobInfo, JobState, TransitionError
 from ldct_node.derive import derive_instance, derived_series_uid, write_derived
-from ldct_node.dicomio import InputError, decode_hu, pixel_spacing_mm, read_instance
+from ldct_node.dicomio import (
+    MAX_SLICE_PIXELS,
+    InputError,
+    decode_hu,
+    pixel_spacing_mm,
+    read_instance,
+)
 from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
 from ldct_node.model.fidelity import restore_low_frequency
@@ -714,43 +720,34 @@ class Worker:
         differs. The last output is kept only while more than one profile is configured,
         and only for exactly the same instances.
         """
-        model_version = self.cascade.model_version
         key = (job.series_instance_uid, tuple(str(p) for p in paths))
-        if self._last_output is not None and self._last_output[0] == key:
-            logger.info(
-                "job %d: reusing the cascade output of series %s (profile %s)",
-                job.id,
-                job.series_instance_uid,
-                job.profile,
-            )
-            with DerivedWriter(
-                datasets,
-                [profile],
-                self.settings.dicom,
-                output_root,
-                model_version,
-                space_check=self._check_space,
-            ) as writer:
-                for i, (src, out) in enumerate(
-                    zip(self._last_output[1].hu, self._last_output[1].denoised, strict=True)
-                ):
-                    writer.submit(i, src, out)
-                return writer.finish()
+        reuse = self._last_output if self._last_output and self._last_output[0] == key else None
         self._last_output = None  # free the memory before the next run
         with DerivedWriter(
             datasets,
             [profile],
             self.settings.dicom,
             output_root,
-            model_version,
+            self.cascade.model_version,
             space_check=self._check_space,
         ) as writer:
-            output = run_cascade(
-                datasets, self.cascade, progress=checkpoint, on_instance=writer.submit
-            )
+            if reuse is not None:
+                logger.info(
+                    "job %d: reusing the cascade output of series %s (profile %s)",
+                    job.id,
+                    job.series_instance_uid,
+                    job.profile,
+                )
+                output = reuse[1]
+                for i, (src, out) in enumerate(zip(output.hu, output.denoised, strict=True)):
+                    writer.submit(i, src, out)
+            else:
+                output = run_cascade(
+                    datasets, self.cascade, progress=checkpoint, on_instance=writer.submit
+                )
+                self.cascade_runs += 1
             written = writer.finish()
-        self.cascade_runs += 1
-        if len(self.settings.outputs) > 1:
+        if len(self.settings.outputs) > 1:  # a later profile may reuse it
             self._last_output = (key, output)
         return written
 
@@ -779,6 +776,15 @@ class Worker:
         """Raise :class:`DiskFullError` unless writing ``needed`` bytes into the spool
         leaves ``storage.min_free_gb`` free (the receiver's guard, for derived writes)."""
         min_free_gb = self.settings.storage.min_free_gb
+        capacity = self.spool.total_bytes()
+        if needed > capacity - min_free_gb * BYTES_PER_GB:
+            # Waiting would never help, and a deferred job holds the worker back.
+            raise _JobInputError(
+                f"{what} needs {needed / BYTES_PER_GB:.2f} GB, more than the spool's "
+                f"filesystem can ever hold ({capacity / BYTES_PER_GB:.2f} GB, "
+                f"storage.min_free_gb = {min_free_gb:g}): move storage.spool_dir to a "
+                "larger volume, or cancel the job"
+            )
         if not self.spool.has_space(min_free_gb, needed):
             raise DiskFullError(
                 f"{self.spool.free_bytes() / BYTES_PER_GB:.2f} GB free in the spool, "
@@ -849,9 +855,27 @@ def _series_bytes(datasets: Sequence[Dataset], paths: Sequence[Path]) -> int:
     total = 0
     for ds, path in zip(datasets, paths, strict=True):
         try:
-            pixels = int(ds.Rows) * int(ds.Columns) * max(int(ds.get("NumberOfFrames") or 1), 1)
-            total += pixels * 2 + _HEADER_BYTES
-        except (AttributeError, TypeError, ValueError):
+            total += _instance_bytes(ds)
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            # No usable geometry: decoding will refuse the instance; until then the
+            # source's size is the best guess.
             with contextlib.suppress(OSError):
                 total += path.stat().st_size
     return total
+
+
+def _instance_bytes(ds: Dataset) -> int:
+    """Room one derived instance of ``ds`` takes, from a header that may lie.
+
+    A header the decoder will refuse (a slice beyond ``MAX_SLICE_PIXELS``) raises
+    ValueError; a frame count is capped at the bytes of pixel data (every frame takes at
+    least one in any encoding), so a header claiming 999999999 frames of a 2 KB image
+    does not ask for terabytes and hold the worker waiting for space forever.
+    """
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
+        raise ValueError(f"{rows}x{cols} pixels is not a slice the node takes")
+    frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+    pixel_bytes = len(ds.PixelData) if "PixelData" in ds and ds.PixelData else 0
+    frames = min(frames, max(pixel_bytes, 1))
+    return rows * cols * frames * 2 + _HEADER_BYTES

@@ -304,6 +304,27 @@ def test_scan_falls_back_to_instance_number_then_file_name(tmp_path: Path) -> No
     assert [p.name for p in group.paths] == ["CT0001.dcm", "CT0002.dcm", "CT0003.dcm"]
 
 
+def test_without_orientation_denoise_and_the_receiver_order_by_z_alike(tmp_path: Path) -> None:
+    """One ordering rule (issue 16): an instance with a position but no
+    ImageOrientationPatient is placed by its z, in ``denoise`` (scan_inputs) and in the
+    receiver's job table (the same slice_position), whatever InstanceNumber says."""
+    from ldct_node import receive
+
+    paths = make_ct_series(tmp_path, n=3, size=8)
+    uids = []
+    for path, z, number in zip(paths, (20.0, -5.0, 7.5), (1, 2, 3), strict=True):
+        ds = pydicom.dcmread(path)
+        del ds.ImageOrientationPatient
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.InstanceNumber = number
+        ds.save_as(path)
+        uids.append((z, str(ds.SOPInstanceUID)))
+    (group,) = scan_inputs(paths).series
+    assert [str(ds.SOPInstanceUID) for _, ds in group.instances] == [u for _, u in sorted(uids)]
+    assert receive.slice_position is slice_position
+    assert [slice_position(ds) for _, ds in group.instances] == [-5.0, 7.5, 20.0]
+
+
 def test_scan_reports_problems_and_skips_hidden_files(tmp_path: Path) -> None:
     paths = make_ct_series(tmp_path, n=3, size=16, subdir="in")
     folder = paths[0].parent

@@ -402,6 +402,53 @@ def test_derivation_below_min_free_gb_waits_and_every_job_completes_once_space_i
     print(f"5 jobs done {time.monotonic() - freed:.1f} s after space came back")
 
 
+@pytest.mark.slow
+def test_a_header_claiming_an_absurd_size_fails_its_job_and_never_holds_the_worker(
+    tmp_path: Path, node_factory: NodeFactory
+) -> None:
+    """Found by the fuzz test: a slice whose header says NumberOfFrames = 999999999 made
+    the worker's space estimate 2 TB; the job was deferred "waiting for disk space" and
+    the worker claimed nothing after it. Now the frame count is capped by the pixel data
+    (that job fails on decoding, as it should), and a series larger than the spool's
+    filesystem could ever hold fails at once with that reason. Either way the next
+    series is processed."""
+    node = node_factory(series={"stable_seconds": 0.5})
+    (frames,) = make_ct_series(tmp_path, n=1, size=32, seed=1, subdir="frames")
+    ds = pydicom.dcmread(frames)
+    ds.NumberOfFrames = 999999999
+    ds.save_as(frames)
+    (huge,) = make_ct_series(tmp_path, n=1, size=32, seed=2, subdir="huge")
+    ds = pydicom.dcmread(huge)
+    # 4096x4096 is the largest slice taken; 1 MB of pixel data caps the frame count at
+    # 2**20: 16.7 Mpixel x 2 bytes x 2**20 frames is 35 TB, beyond any test filesystem.
+    ds.Rows = ds.Columns = 4096
+    ds.NumberOfFrames = 999999999
+    ds.PixelData = bytes(2**20)
+    ds.save_as(huge)
+    capacity = shutil.disk_usage(tmp_path).total
+    assert capacity < 4096 * 4096 * 2 * 2**20
+    good = make_ct_series(tmp_path, n=2, size=32, seed=3, subdir="good")
+    with scu_association(node.port, [CT]) as assoc:
+        for path in [frames, huge, *good]:
+            assert assoc.send_c_store(path).Status == receive.SUCCESS, path
+
+    node.wait_done(series_uid(good[0]), n_instances=2)
+
+    def failed(path: Path) -> JobInfo:
+        uid = series_uid(path)
+        return wait_for(
+            lambda: next((j for j in node.jobs_of(uid) if j.state == JobState.FAILED), None),
+            timeout=JOB_TIMEOUT_S,
+            what=f"the job of {path.parent.name} to fail",
+            details=lambda: f"{_jobs_summary(node.db)}\n{node.serve.log()[-3000:]}",
+        )
+
+    frames_job, huge_job = failed(frames), failed(huge)
+    assert "999999999 frames" in (frames_job.error or ""), frames_job.error
+    assert "more than the spool's filesystem can ever hold" in (huge_job.error or "")
+    assert not any("waiting for disk space" in (j.error or "") for j in node.db.list_jobs())
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
