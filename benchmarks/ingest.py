@@ -1,13 +1,17 @@
-"""Ingest benchmark: C-STORE images/s into ldct-node vs DCMTK storescp.
+"""Ingest benchmark: C-STORE images/s into ldct-node against honest anchors.
 
-Both receivers get the same ``--images`` CT files (512x512, uncompressed) from DCMTK
+Every receiver gets the same ``--images`` CT files (512x512, uncompressed) from DCMTK
 ``storescu`` over one association on loopback, in turn, ``--repeats`` times; the best
-run of each counts. ldct-node runs as ``ldct-node serve`` (a fresh spool and SQLite
-database per run) and acknowledges an instance only once it is fsynced and its row
-committed; storescp writes its files without fsync. A second part times the steps of
+run of each counts. The anchors, measured in the same run: DCMTK ``storescp`` (writes
+without fsync), Orthanc (its own SQLite index), and this disk's durable limit (one file
+write + fsync + rename and one SQLite WAL FULL commit per instance, the least the node
+must do before it acknowledges). DCMTK's tools run with ``TCP_NODELAY=1``: without it
+each message waits ~40 ms for a delayed ACK, and any ratio to them measures that.
+ldct-node runs as ``ldct-node serve`` (a fresh spool and SQLite database per run) over
+one association and over ``--associations`` at once. A last part times the steps of
 ldct-node's C-STORE handler in-process on the same files, to show where the time goes.
 
-    .venv/bin/python benchmarks/ingest.py                 # 300 images, 2 repeats
+    .venv/bin/python benchmarks/ingest.py                 # 200 images, 2 repeats
     .venv/bin/python benchmarks/ingest.py --images 50 --json ingest.json
 """
 
@@ -20,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from _common import (  # noqa: E402
+    ORTHANC_BIN,
+    durable_write_ms,
+    machine_info,
     need_tools,
     node_process,
+    orthanc_process,
     report,
     storescp,
     storescu,
@@ -89,15 +98,27 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
     return {name: 1000.0 * total / len(blobs) for name, total in steps.items()}
 
 
+def concurrent_storescu(port: int, ae_title: str, files: list[Path], n: int) -> float:
+    """Send ``files`` split over ``n`` storescu processes at once; wall time of all."""
+    chunks = [files[i::n] for i in range(n)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda chunk: storescu(port, ae_title, chunk), chunks))
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--associations", type=int, default=4, help="for the concurrent run")
+    parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     need_tools("storescu", "storescp", "echoscu")
+    with_orthanc = not args.no_orthanc and ORTHANC_BIN is not None
 
     work = Path(tempfile.mkdtemp(prefix="ldct-ingest-", dir=args.workdir))
     try:
@@ -105,21 +126,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mbytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "
-            f"{args.repeats} repeats"
+            f"{args.repeats} repeats, DCMTK tools with TCP_NODELAY=1; {machine_info()['cpu']}"
         )
-        best = {"ldct-node": float("inf"), "storescp": float("inf")}
-        for rep in range(args.repeats):
+        many = f"ldct-node x{args.associations}"
+        best = {"ldct-node": float("inf"), many: float("inf"), "storescp": float("inf")}
+        if with_orthanc:
+            best["orthanc"] = float("inf")
+        limits: list[dict[str, float]] = []
+        for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
             with node_process(work / f"node-{rep}") as (port, _log):
                 best["ldct-node"] = min(best["ldct-node"], storescu(port, "LDCT_NODE", files))
+            with node_process(work / f"many-{rep}") as (port, _log):
+                elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
+                best[many] = min(best[many], elapsed)
             with storescp(work / f"scp-{rep}" / "in") as port:
                 best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
-            shutil.rmtree(work / f"node-{rep}", ignore_errors=True)
-            shutil.rmtree(work / f"scp-{rep}", ignore_errors=True)
+            if with_orthanc:
+                with orthanc_process(work / f"orthanc-{rep}") as port:
+                    best["orthanc"] = min(best["orthanc"], storescu(port, "ORTHANC", files))
+            limits.append(durable_write_ms(files, work / f"disk-{rep}"))
+            for name in ("node", "many", "scp", "orthanc", "disk"):
+                shutil.rmtree(work / f"{name}-{rep}", ignore_errors=True)
         rates = {name: len(files) / t for name, t in best.items()}
-        ratio = rates["ldct-node"] / rates["storescp"]
+        limit = min(limits, key=lambda x: x["total_ms"])
+        rates["disk durable limit"] = 1000.0 / limit["total_ms"]
         for name, rate in rates.items():
-            print(f"{name:10s} {rate:8.1f} images/s  ({best[name]:.2f} s)")
-        print(f"ldct-node / storescp: {ratio:.2f}")
+            print(f"{name:20s} {rate:8.1f} images/s")
+        print(
+            f"disk: write+fsync+rename {limit['file_write_fsync_rename_ms']:.2f} ms, "
+            f"WAL FULL commit {limit['wal_commit_ms']:.2f} ms per instance"
+        )
+        ratios = {
+            "node_vs_storescp": rates["ldct-node"] / rates["storescp"],
+            "node_vs_disk_limit": rates["ldct-node"] / rates["disk durable limit"],
+            "concurrent_vs_one": rates[many] / rates["ldct-node"],
+        }
+        if with_orthanc:
+            ratios["node_vs_orthanc"] = rates["ldct-node"] / rates["orthanc"]
+        for name, value in ratios.items():
+            print(f"ratio {name:22s} {value:.2f}")
         steps = handler_breakdown(files, work / "breakdown")
         total = sum(steps.values())
         print(f"C-STORE handler steps (ms per instance, in-process; total {total:.2f} ms):")
@@ -132,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "size": args.size,
             "seconds": best,
             "images_per_s": rates,
-            "ratio_node_vs_storescp": ratio,
+            "ratios": ratios,
+            "ratio_node_vs_storescp": ratios["node_vs_storescp"],
+            "disk_limit_ms": limit,
             "handler_ms_per_instance": steps,
         }
         report("ingest", result, args.json)

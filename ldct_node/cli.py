@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,9 +28,13 @@ from ldct_node import __version__
 from ldct_node.config import ConfigError, Settings, load_settings
 from ldct_node.progress import make_progress
 
+if TYPE_CHECKING:
+    from ldct_node.db import Database
+
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
-out = Console()
+# Piped or redirected (monitoring, grep): no 80-column cut, nothing shortened.
+out = Console() if sys.stdout.isatty() else Console(width=100_000)
 
 app = typer.Typer(
     name="ldct-node",
@@ -143,18 +147,19 @@ def progress_bar(transient: bool = False) -> Progress:
 
 
 def default_weights_dir(settings: Settings | None) -> Path:
-    """The configured weights, else the bundled ones (installed copy or source tree)."""
-    candidates: list[Path] = []
-    if settings is not None:
-        candidates.append(settings.weights_path)
-    candidates.append(Path(sys.prefix) / "share" / "ldct-node" / "weights")
-    candidates.append(Path(__file__).resolve().parents[1] / "weights")
-    for path in candidates:
-        if (path / "MANIFEST.json").is_file():
-            return path
-    raise UsageError(
-        "no weights found (looked in " + ", ".join(str(p) for p in candidates) + "); pass --weights"
-    )
+    """The configured weights (``model.weights_dir``), by default the bundled ones."""
+    from ldct_node.config import bundled_weights_candidates, bundled_weights_dir
+
+    if settings is not None and settings.model.weights_dir:
+        path = settings.weights_path
+        if not (path / "MANIFEST.json").is_file():
+            raise UsageError(f"model.weights_dir: no MANIFEST.json in {path}; or pass --weights")
+        return path
+    path = bundled_weights_dir()
+    if not (path / "MANIFEST.json").is_file():
+        looked = ", ".join(str(p) for p in bundled_weights_candidates())
+        raise UsageError(f"no bundled weights found (looked in {looked}); pass --weights")
+    return path
 
 
 # --------------------------------------------------------------------------- config
@@ -165,22 +170,58 @@ def config_check(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Validate the config and print the effective settings."""
+    """Validate the config and check what `serve` needs: weights (sha256, parameter
+    counts), spool and database writable, ports free. Prints the effective settings as
+    TOML; exit 2 if anything is wrong."""
     with _errors():
+        from ldct_node.preflight import start_checks
+
         settings = _settings(config)
         data = settings.model_dump(mode="json")
+        data.pop("base_dir", None)
         data["resolved"] = {
+            "config_file": _config_source(config),
             "spool_dir": str(settings.spool_path),
-            "database_url": settings.database_url,
+            "database_url": _shown_url(settings.database_url),
             "weights_dir": str(settings.weights_path),
         }
+        data["storage"]["database_url"] = _shown_url(settings.storage.database_url)
+        checks = start_checks(settings, load_weights=True)
+        failed = [c for c in checks if not c.ok]
         if as_json:
+            data["checks"] = [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]
             out.print_json(json.dumps(data))
-            return
-        import tomli_w
+        else:
+            import tomli_w
 
-        out.print(tomli_w.dumps({k: v for k, v in data.items() if v not in ([], None)}), end="")
-        out.print("[green]config OK[/]")
+            text = tomli_w.dumps({k: v for k, v in data.items() if v is not None})
+            out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+            out.print("\n# checks", markup=False, highlight=False)
+            for c in checks:
+                line = f"# {'ok    ' if c.ok else 'FAILED'} {c.name}: {c.detail}"
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
+        if failed:
+            raise UsageError("; ".join(f"{c.name}: {c.detail}" for c in failed))
+        if not as_json:
+            out.print("# config OK", markup=False, highlight=False)
+
+
+def _config_source(config: Path | None) -> str:
+    """The config file a command reads, or what it uses without one."""
+    from ldct_node.config import ENV_VAR, default_config_path
+
+    path = config if config is not None else default_config_path()
+    if path.exists():
+        return str(path.resolve())
+    if config is None and ENV_VAR not in os.environ:
+        return f"none ({path} not found: built-in defaults)"
+    return str(path)
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 # --------------------------------------------------------------------------- denoise
@@ -570,10 +611,43 @@ def evaluate(
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _open_db(settings: Settings) -> Any:
-    from ldct_node.db import open_database
+def _open_db(settings: Settings, config: Path | None) -> Database:
+    """The node's existing job database; exit 2 if there is none.
 
-    return open_database(settings)
+    Admin commands never create one: a monitoring check run without ``--config``
+    would otherwise make an empty database and report it healthy forever.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ldct_node.db import Database
+
+    url = make_url(settings.database_url)
+    source = _config_source(config)
+    shown = url.render_as_string(hide_password=True)
+    hint = (
+        "start the node with this config first, or pass --config (or set "
+        "LDCT_NODE_CONFIG) to the node's config"
+    )
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database).expanduser()
+        if not path.is_file():
+            raise UsageError(f"no job database at {path} (config: {source}): {hint}")
+    db = Database(url)
+    try:
+        tables = set(inspect(db.engine).get_table_names())
+    except SQLAlchemyError as exc:
+        db.close()
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise CommandFailedError(f"cannot open database {shown}: {detail}") from None
+    if "job" not in tables:
+        db.close()
+        raise UsageError(
+            f"database {shown} (config: {source}) has no ldct-node tables: {hint}, or run "
+            "`ldct-node db upgrade`"
+        )
+    return db
 
 
 def _when(value: Any) -> str:
@@ -584,10 +658,11 @@ def _when(value: Any) -> str:
 
 
 def _short(text: str | None, limit: int = 90) -> str:
+    """``text`` on one line; on a terminal cut at ``limit`` characters."""
     if not text:
         return ""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit or not out.is_terminal else text[: limit - 1] + "…"
 
 
 @app.command()
@@ -611,7 +686,7 @@ def serve(
         from sqlalchemy.engine import make_url
 
         from ldct_node.model.cascade import WeightsError
-        from ldct_node.node import ROLES, Node
+        from ldct_node.node import ROLES, Node, NodeStartError
 
         if role not in ROLES:
             raise UsageError(f"--role: expected one of {', '.join(ROLES)}, got {role!r}")
@@ -645,6 +720,10 @@ def serve(
             node.serve_forever(on_ready=ready)
         except WeightsError as exc:
             raise UsageError(f"model.weights_dir: {exc}") from None
+        except NodeStartError as exc:
+            if exc.config_problem:
+                raise UsageError(str(exc)) from None
+            raise
         out.print("ldct-node stopped", highlight=False)
 
 
@@ -707,7 +786,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         from rich.table import Table
 
         settings = _settings(config)
-        db = _open_db(settings)
+        db = _open_db(settings, config)
         try:
             summary = db.status_summary()
             forwarding = db.list_jobs(state="forwarding")
@@ -718,10 +797,16 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         if as_json:
             data = summary.as_dict()
             data.update(healthy=healthy, problems=problems, forward_errors=forward_errors)
+            data.update(config=_config_source(config), database=_shown_url(settings.database_url))
             out.print_json(json.dumps(data))
         else:
             verdict = "[green]healthy[/]" if healthy else "[bold red]needs attention[/]"
             out.print(f"ldct-node status: {verdict}")
+            out.print(
+                f"config {_config_source(config)}; database {_shown_url(settings.database_url)}",
+                markup=False,
+                highlight=False,
+            )
             for line in problems:
                 out.print(f"  [red]•[/] {line}", highlight=False)
             table = Table(title="Jobs by state", title_justify="left")
@@ -767,8 +852,9 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 
 
 def _tail(uid: str, keep: int = 10) -> str:
-    """The distinguishing end of a UID (they share long prefixes); --json has it whole."""
-    return uid if len(uid) <= keep + 1 else "…" + uid[-keep:]
+    """On a terminal the distinguishing end of a UID (they share long prefixes); piped,
+    and with --json, the whole UID."""
+    return uid if len(uid) <= keep + 1 or not out.is_terminal else "…" + uid[-keep:]
 
 
 def _forwards_text(job: Any) -> str:
@@ -805,7 +891,7 @@ def jobs(
         if state is not None and state not in {s.value for s in JobState}:
             valid = ", ".join(s.value for s in JobState)
             raise UsageError(f"--state: {state!r} is not one of {valid}")
-        db = _open_db(settings)
+        db = _open_db(settings, config)
         try:
             rows = db.list_jobs(state=state, limit=limit)
         finally:
@@ -849,7 +935,7 @@ def _change_job(config: Path | None, job_id: int, action: str) -> None:
         "cancel": "cancel applies to jobs that are not done or cancelled",
     }
     settings = _settings(config)
-    db = _open_db(settings)
+    db = _open_db(settings, config)
     try:
         if action == "retry":
             db.retry_job(job_id)
@@ -906,7 +992,7 @@ def purge(
 
         settings = _settings(config)
         days = settings.storage.retention_days if older_than is None else older_than
-        db = _open_db(settings)
+        db = _open_db(settings, config)
         try:
             report = purge_expired(db, Spool(settings.spool_path), days)
         finally:
@@ -919,21 +1005,38 @@ def purge(
         )
 
 
+@contextmanager
+def _silenced(name: str) -> Iterator[None]:
+    """Mute logger ``name`` in the block (unless ``--debug``): the command says it itself."""
+    target = logging.getLogger(name)
+    before = target.level
+    if not _state["debug"]:
+        target.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        target.setLevel(before)
+
+
 @app.command()
 def echo(
     destination: Annotated[str, typer.Argument(help="A [[destinations]] name.")],
     config: ConfigOption = None,
 ) -> None:
-    """C-ECHO a configured destination (exit 1 if it does not answer success)."""
+    """C-ECHO a configured destination, over TLS if it uses TLS; for a DICOMweb destination
+    an authenticated QIDO-RS query (exit 1 if it does not answer success)."""
     with _errors():
         from ldct_node.forward import echo as send_echo
 
         settings = _settings(config)
         try:
-            dest = settings.destination(destination)
+            dest = settings.destination(destination).with_paths_resolved(settings.base_dir)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
-        ok, message = send_echo(dest, calling_ae_title=settings.node.ae_title)
+        # pynetdicom logs a failed connection as ERROR lines of its own: the one-line
+        # message below says the same with the reason.
+        with _silenced("pynetdicom"):
+            ok, message = send_echo(dest, calling_ae_title=settings.node.ae_title)
         if not ok:
             raise CommandFailedError(message)
         out.print(message, highlight=False)

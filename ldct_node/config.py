@@ -12,11 +12,21 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_VAR = "LDCT_NODE_CONFIG"
 DEFAULT_FILE = "config.toml"
@@ -119,7 +129,9 @@ class SeriesSettings(_Section):
 
 
 class ModelSettings(_Section):
-    weights_dir: str = "weights"
+    #: Empty: the bundled weights (see :func:`bundled_weights_dir`); else a folder with a
+    #: MANIFEST.json, relative to the config file's folder.
+    weights_dir: str = ""
     batch_size: int = Field(4, ge=1)
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["float32", "bfloat16", "mixed_float16"] = "float32"
@@ -185,13 +197,156 @@ class MetricsSettings(_Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+_DICOMWEB_ONLY = ("url", "username", "password_file", "password_env")
+_DIMSE_ONLY = ("ae_title", "host", "port", "tls", "tls_server_name")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
 class Destination(_Section):
+    """One ``[[destinations]]`` entry: where derived series are sent.
+
+    ``type = "dimse"`` (the default) sends with C-STORE to ``ae_title`` at
+    ``host``:``port``; ``tls = true`` makes that DICOM TLS (TLS 1.2+), verifying the
+    peer's certificate against ``tls_ca`` and its name against ``tls_server_name`` (else
+    ``host``), with ``tls_cert``/``tls_key`` as the client certificate for mutual TLS.
+    ``type = "dicomweb"`` sends with STOW-RS to ``url`` (http or https; ``tls_ca``
+    replaces the system's trust store for https), optionally with HTTP basic
+    authentication as ``username`` with the password read from ``password_file`` or the
+    environment variable ``password_env`` at each attempt. For a DICOMweb destination
+    ``host`` and ``port`` are taken from ``url`` (not TOML keys) and ``ae_title`` is empty.
+
+    Paths are as written in the file; :meth:`with_paths_resolved` makes them absolute.
+    """
+
     name: str
+    type: Literal["dimse", "dicomweb"] = "dimse"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    url: str = ""
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_type(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("type", "dimse")
+        if kind == "dimse":
+            for key in _DICOMWEB_ONLY:
+                if key in data:
+                    raise ValueError(f"{key!r} is only used with type = 'dicomweb'")
+        elif kind == "dicomweb":
+            for key in _DIMSE_ONLY:
+                if key in data:
+                    raise ValueError(
+                        f"{key!r} is not used with type = 'dicomweb' "
+                        "(url says where to send; an https url means TLS)"
+                    )
+            host, port = "", 443
+            url = data.get("url")
+            if isinstance(url, str):
+                try:
+                    parts = urlsplit(url)
+                    host = parts.hostname or ""
+                    port = parts.port or (80 if parts.scheme == "http" else 443)
+                except ValueError:
+                    pass  # reported by _by_type with the key's name
+            return {**data, "ae_title": "", "host": host, "port": port}
+        return data
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("type") == "dicomweb":
+            return value
+        return _check_ae(value)
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if value and not _ENV_NAME_RE.match(value):
+            raise ValueError("must be the name of an environment variable (letters, digits, _)")
+        return value
+
+    @field_validator("tls_server_name")
+    @classmethod
+    def _server_name(cls, value: str) -> str:
+        if value and not _HOSTNAME_RE.match(value):
+            raise ValueError("must be a host name or IP address")
+        return value
+
+    @model_validator(mode="after")
+    def _by_type(self) -> Destination:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together (mutual TLS)")
+        if self.type == "dimse":
+            if not self.tls and (self.tls_ca or self.tls_cert or self.tls_server_name):
+                raise ValueError(
+                    "tls_ca / tls_cert / tls_key / tls_server_name are set but tls = false: "
+                    "set tls = true to send over DICOM TLS"
+                )
+            if self.tls and not self.tls_ca:
+                raise ValueError(
+                    "tls_ca is required with tls = true: the CA certificate (PEM) that "
+                    "signed the destination's certificate"
+                )
+            return self
+        self._check_url()
+        if self.password_file and self.password_env:
+            raise ValueError("set password_file or password_env, not both")
+        if self.username and not (self.password_file or self.password_env):
+            raise ValueError("username needs password_file or password_env")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("password_file / password_env need username")
+        if ":" in self.username:
+            raise ValueError("username must not contain ':' (HTTP basic authentication)")
+        return self
+
+    def _check_url(self) -> None:
+        if not self.url:
+            raise ValueError("url is required with type = 'dicomweb' (the STOW-RS base URL)")
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http://host/... or https://host/... (got {self.url!r})")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "url must not hold credentials: use username with password_file or password_env"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("url must be the DICOMweb base URL, without ?query or #fragment")
+        if parts.scheme == "http" and (self.tls_ca or self.tls_cert):
+            raise ValueError("tls_ca / tls_cert / tls_key need an https url")
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether this destination is reached over TLS (DICOM TLS or https)."""
+        return self.tls if self.type == "dimse" else self.url.startswith("https:")
+
+    def with_paths_resolved(self, base_dir: str | os.PathLike[str]) -> Destination:
+        """A copy whose file paths (``tls_*``, ``password_file``) are absolute, relative
+        ones taken against ``base_dir`` (the config file's folder)."""
+
+        def resolve(path: str) -> str:
+            if not path:
+                return path
+            p = Path(path).expanduser()
+            return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
+
+        keys = ("tls_ca", "tls_cert", "tls_key", "password_file")
+        return self.model_copy(update={k: resolve(getattr(self, k)) for k in keys})
 
 
 class ForwardSettings(_Section):
@@ -296,6 +451,9 @@ class Settings(_Section):
 
     @property
     def weights_path(self) -> Path:
+        """``model.weights_dir`` resolved; unset: the bundled weights."""
+        if not self.model.weights_dir:
+            return bundled_weights_dir()
         return self.resolve(self.model.weights_dir)
 
     @property
@@ -315,6 +473,25 @@ class Settings(_Section):
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise KeyError(f"no destination named {name!r} (known: {known})")
+
+
+def bundled_weights_candidates() -> list[Path]:
+    """Where the bundled weights may be: the installed copy (``<prefix>/share``), then
+    the source tree the package runs from."""
+    return [
+        Path(sys.prefix) / "share" / "ldct-node" / "weights",
+        Path(__file__).resolve().parents[1] / "weights",
+    ]
+
+
+def bundled_weights_dir() -> Path:
+    """The first bundled weights folder with a MANIFEST.json (else the source tree's
+    path, which then fails to load with a message naming it)."""
+    candidates = bundled_weights_candidates()
+    for path in candidates:
+        if (path / "MANIFEST.json").is_file():
+            return path
+    return candidates[-1]
 
 
 def default_config_path() -> Path:

@@ -11,12 +11,25 @@ peer's status code and text, and the next attempt is scheduled after
 ``failed`` with that error. A retry resends the whole derived series: its UIDs are
 deterministic, so the peer deduplicates what it already has.
 
-:func:`echo` checks a destination with C-ECHO (``ldct-node echo``).
+With ``tls = true`` the association runs over DICOM TLS (TLS 1.2 or later): the
+peer's certificate must verify against the destination's ``tls_ca`` and carry its
+``tls_server_name`` (else ``host``, a DNS name or an IP address) as a subject
+alternative name; ``tls_cert``/``tls_key`` are presented for mutual TLS. There is no
+fallback to plain TCP: a failed handshake is a failed attempt like a refused connection,
+booked with what went wrong (certificate not trusted, wrong name, no TLS on that port).
+
+DICOMweb destinations (``type = "dicomweb"``) go through :mod:`ldct_node.dicomweb`
+(STOW-RS) from the same :func:`send_series` and :class:`Forwarder`, with the same
+attempts, backoff and bookkeeping.
+
+:func:`echo` checks a destination with C-ECHO (``ldct-node echo``), over TLS when the
+destination uses it; for DICOMweb with an authenticated QIDO-RS request.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +49,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from ldct_node import monitoring
 from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
 from ldct_node.db import Database, ForwardInfo, JobState
+from ldct_node.netguard import set_nodelay
 from ldct_node.worker import default_worker_id
 
 logger = logging.getLogger(__name__)
@@ -86,7 +100,91 @@ def _is_accepted(code: int) -> bool:
 
 
 def _peer(dest: Destination) -> str:
-    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    if dest.type == "dicomweb":
+        return f"{dest.name} ({dest.url})"
+    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+
+
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that tells its :class:`_ClientTlsContext` why ``connect`` failed
+    (pynetdicom only logs it), and whether the TCP connection itself was made."""
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except OSError as exc:
+            context = self.context
+            if isinstance(context, _ClientTlsContext):
+                context.failure = exc
+                # A reset or an SSL error come from a peer we reached (a refused TCP
+                # connection is ECONNREFUSED); after a reset getpeername() fails.
+                context.tcp_connected = isinstance(exc, _AFTER_CONNECT) or _has_peer(self)
+            raise
+
+
+_AFTER_CONNECT = (ssl.SSLError, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+def _has_peer(sock: ssl.SSLSocket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+class _ClientTlsContext(ssl.SSLContext):
+    """The client side of DICOM TLS to one destination, for one attempt."""
+
+    sslsocket_class = _RecordingSSLSocket
+    failure: OSError | None = None
+    tcp_connected: bool = False
+
+
+def client_tls_context(dest: Destination) -> ssl.SSLContext:
+    """The TLS client context for ``dest`` (DICOM TLS or https): TLS 1.2 or later,
+    certificate and host name verified, ``tls_cert``/``tls_key`` loaded when set.
+
+    ``dest``'s paths should be absolute (:meth:`Destination.with_paths_resolved`).
+    Without ``tls_ca`` (only allowed for https) the system's trust store is used.
+
+    Raises
+    ------
+    ValueError
+        Naming the destination and the ``tls_*`` key whose file cannot be loaded.
+    """
+    return _client_tls(dest)
+
+
+def _client_tls(dest: Destination) -> _ClientTlsContext:
+    context = _ClientTlsContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    where = f"destinations {dest.name!r}"
+    if dest.tls_ca:
+        try:
+            context.load_verify_locations(cafile=dest.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{where}: tls_ca: cannot load {dest.tls_ca}: {exc}") from None
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if dest.tls_cert:
+        try:
+            # An empty passphrase: an encrypted key fails here instead of OpenSSL
+            # prompting on a terminal that a service does not have.
+            context.load_cert_chain(dest.tls_cert, dest.tls_key, password=b"")
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"{where}: tls_cert/tls_key: cannot load {dest.tls_cert} / {dest.tls_key} "
+                f"(PEM, key without passphrase): {exc}"
+            ) from None
+    return context
+
+
+def _tls_for(dest: Destination) -> _ClientTlsContext | None:
+    """The TLS context of a DIMSE destination (None: plain); ValueError naming the key."""
+    return _client_tls(dest) if dest.tls else None
 
 
 def _make_ae(calling_ae_title: str) -> AE:
@@ -98,21 +196,71 @@ def _make_ae(calling_ae_title: str) -> AE:
     return ae
 
 
-def _associate(ae: AE, dest: Destination) -> tuple[Association, threading.Event]:
-    """Request an association; the event tells whether a TCP connection was made at all."""
+@dataclass
+class _Attempt:
+    """An association request and what is known about how its connection went."""
+
+    assoc: Association
+    connected: threading.Event
+    tls: _ClientTlsContext | None
+
+
+def _connection_opened(event: evt.Event, connected: threading.Event) -> None:
+    """TCP is up: Nagle off (each C-STORE request would otherwise wait for the peer's
+    delayed ACK of the previous one, up to ~40 ms), and say so."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        set_nodelay(sock)
+    connected.set()
+
+
+def _associate(ae: AE, dest: Destination, tls: _ClientTlsContext | None) -> _Attempt:
+    """Request an association (over TLS when ``tls`` is given; never plain instead)."""
     connected = threading.Event()
+    server_name = dest.tls_server_name or dest.host
     assoc = ae.associate(
         dest.host,
         dest.port,
         ae_title=dest.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.set())],
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: _connection_opened(event, connected))],
+        tls_args=(tls, server_name) if tls is not None else None,
     )
-    return assoc, connected
+    return _Attempt(assoc, connected, tls)
 
 
-def _no_association(assoc: Association, dest: Destination, connected: bool) -> str:
+def _tls_failure(dest: Destination, tls: _ClientTlsContext) -> str | None:
+    """Why the TLS connection to ``dest`` failed, or None if it was not TLS's fault."""
+    exc = tls.failure
+    if exc is None or not (tls.tcp_connected or isinstance(exc, ssl.SSLError)):
+        return None
+    head = f"no association with {_peer(dest)}: TLS handshake failed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = str(exc.verify_message or exc.reason or exc).rstrip(".")
+        if "hostname" in why.lower() or "ip address" in why.lower():
+            hint = f"its certificate is not issued for {dest.tls_server_name or dest.host!r}"
+            return f"{head}: {why}; {hint} (set tls_server_name to the name it carries)"
+        return f"{head}: its certificate was not accepted ({why}); check tls_ca"
+    if isinstance(exc, ssl.SSLError):
+        why = str(exc.reason or exc)
+        if "ALERT" in why.upper() and "CERTIFICATE" in why.upper():
+            return f"{head}: the peer refused our certificate ({why}); check tls_cert/tls_key"
+        if "WRONG_VERSION" in why.upper() or "RECORD" in why.upper():
+            return f"{head} ({why}): is the destination listening for DICOM TLS on that port?"
+        return f"{head}: {why}"
+    return (
+        f"{head}: {type(exc).__name__}: {exc or 'connection closed'} (the peer closed the "
+        "connection: no DICOM TLS on that port, or it refused our certificate)"
+    )
+
+
+def _no_association(attempt: _Attempt, dest: Destination) -> str:
     """Why an association to ``dest`` was not established, in one line."""
-    if not connected:
+    assoc = attempt.assoc
+    if not attempt.connected.is_set():
+        if attempt.tls is not None:
+            tls_reason = _tls_failure(dest, attempt.tls)
+            if tls_reason is not None:
+                return tls_reason
         return (
             f"no association with {_peer(dest)}: connection refused, unreachable "
             f"or timed out after {CONNECT_TIMEOUT_S:.0f} s"
@@ -129,9 +277,16 @@ def _no_association(assoc: Association, dest: Destination, connected: bool) -> s
             parts.append(f"reason {reason!r}")
         detail = f" ({', '.join(parts)})" if parts else ""
         return f"association rejected by {_peer(dest)}{detail}; check its AE title configuration"
+    # With TLS 1.3 the server checks our certificate after the client has finished its
+    # handshake: a refusal then shows up as the connection closing during negotiation.
+    tls_hint = ""
+    if dest.tls and dest.tls_cert:
+        tls_hint = " (over TLS: did it refuse our client certificate? check tls_cert/tls_key)"
+    elif dest.tls:
+        tls_hint = " (over TLS: does it require a client certificate? set tls_cert/tls_key)"
     if assoc.is_aborted:
-        return f"no association with {_peer(dest)}: it aborted during negotiation"
-    return f"no association with {_peer(dest)}: no answer to the association request"
+        return f"no association with {_peer(dest)}: it aborted during negotiation{tls_hint}"
+    return f"no association with {_peer(dest)}: no answer to the association request{tls_hint}"
 
 
 def _sop_classes(paths: Sequence[Path]) -> list[str]:
@@ -170,6 +325,10 @@ def send_series(
         raise TypeError("paths: expected a sequence of paths, not a single path")
     if not paths:
         raise ValueError("paths: nothing to send")
+    if destination.type == "dicomweb":
+        from ldct_node.dicomweb import send_series as stow_series
+
+        return stow_series(paths, destination, should_stop=should_stop)
     total = len(paths)
     try:
         classes = _sop_classes(paths)
@@ -177,14 +336,18 @@ def send_series(
         return SendResult(False, 0, total, f"cannot read derived files: {exc}")
     if len(classes) > _MAX_CONTEXTS:
         return SendResult(False, 0, total, f"{len(classes)} SOP classes in one series")
+    try:
+        tls = _tls_for(destination)
+    except ValueError as exc:
+        return SendResult(False, 0, total, str(exc))
     ae = _make_ae(calling_ae_title)
     for sop_class in classes:
         ae.add_requested_context(sop_class, list(SEND_TRANSFER_SYNTAXES))
-    assoc, connected = _associate(ae, destination)
+    attempt = _associate(ae, destination, tls)
+    assoc = attempt.assoc
     try:
         if not assoc.is_established:
-            reason = _no_association(assoc, destination, connected.is_set())
-            return SendResult(False, 0, total, reason)
+            return SendResult(False, 0, total, _no_association(attempt, destination))
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         missing = [c for c in classes if c not in accepted]
         if missing:
@@ -244,20 +407,30 @@ def _close(assoc: Association, ae: AE) -> None:
 
 
 def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tuple[bool, str]:
-    """C-ECHO ``destination``.
+    """C-ECHO ``destination`` (over TLS when it has ``tls = true``); for a DICOMweb
+    destination an authenticated QIDO-RS request (:func:`ldct_node.dicomweb.echo`).
 
     Returns
     -------
     tuple[bool, str]
         Whether it answered success, and a one-line message saying what happened.
     """
+    if destination.type == "dicomweb":
+        from ldct_node.dicomweb import echo as qido_echo
+
+        return qido_echo(destination)
+    try:
+        tls = _tls_for(destination)
+    except ValueError as exc:
+        return False, str(exc)
     ae = _make_ae(calling_ae_title)
     ae.add_requested_context(Verification, list(SEND_TRANSFER_SYNTAXES))
     started = time.monotonic()
-    assoc, connected = _associate(ae, destination)
+    attempt = _associate(ae, destination, tls)
+    assoc = attempt.assoc
     try:
         if not assoc.is_established:
-            return False, _no_association(assoc, destination, connected.is_set())
+            return False, _no_association(attempt, destination)
         status = assoc.send_c_echo()
         code = status.get("Status") if status else None
         elapsed_ms = (time.monotonic() - started) * 1000.0
@@ -265,7 +438,10 @@ def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tu
             return False, f"no C-ECHO response from {_peer(destination)}"
         if int(code) != 0:
             return False, f"{_peer(destination)} answered C-ECHO with 0x{int(code):04X}"
-        return True, f"C-ECHO to {_peer(destination)} succeeded in {elapsed_ms:.0f} ms"
+        over = ""
+        if tls is not None:
+            over = " over TLS" + (" with our client certificate" if destination.tls_cert else "")
+        return True, f"C-ECHO to {_peer(destination)} succeeded{over} in {elapsed_ms:.0f} ms"
     finally:
         _close(assoc, ae)
 
@@ -345,6 +521,7 @@ class Forwarder:
         max_attempts = self.settings.forward.max_attempts
         try:
             dest = self.settings.destination(fwd.destination)
+            dest = dest.with_paths_resolved(self.settings.base_dir)
         except KeyError:
             return self._book(
                 fwd,

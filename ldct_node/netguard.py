@@ -386,6 +386,13 @@ def read_association_request(
     return bytes(header + body)
 
 
+def set_nodelay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off: a DIMSE response is one small write, and with the
+    peer's delayed ACK it would otherwise wait up to ~40 ms before it leaves."""
+    with contextlib.suppress(OSError):  # not TCP (e.g. a Unix socket in tests)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with admission in front (see the module docstring).
 
@@ -419,6 +426,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 printable(address[0]),
             )
             raise ConnectionRefusedError("host not allowed")  # socketserver skips it
+        set_nodelay(client)
         if self.ssl_context is not None:
             try:
                 # Deferred handshake (receive._DeferredHandshakeContext): no I/O here.

@@ -9,13 +9,16 @@ re-queues jobs whose worker's lease expired.
 Start-up order (each step is safe to repeat after a crash, and while other processes
 use the same database):
 
-1. bring the schema up to date (Alembic, :func:`ldct_node.migrate.upgrade`);
-2. re-queue jobs whose worker is gone: leases that expired, and jobs held by a
+1. check, creating nothing, that the spool and the database can be written, the
+   ports bound and the weights found (:mod:`ldct_node.preflight`);
+2. worker roles: load the cascade once (``model.*``, weights from ``model.weights_dir``,
+   by default the bundled ones);
+3. bring the schema up to date (Alembic, :func:`ldct_node.migrate.upgrade`);
+4. re-queue jobs whose worker is gone: leases that expired, and jobs held by a
    process of this host that no longer exists (the previous run of this node);
-3. remove half-written temporary files from the spool (``clean_tmp``; when the spool
+5. remove half-written temporary files from the spool (``clean_tmp``; when the spool
    may be shared, only files older than an hour, so as not to cut others' writes);
-4. worker roles: load the cascade once (``model.*``, weights from ``model.weights_dir``);
-5. start the C-STORE/C-ECHO receiver, the metrics endpoint (``[metrics] enabled``),
+6. start the C-STORE/C-ECHO receiver, the metrics endpoint (``[metrics] enabled``),
    the scheduler and the worker thread, per role.
 
 Shutdown (SIGTERM or SIGINT, or :meth:`Node.request_stop`): stop accepting
@@ -42,6 +45,7 @@ from ldct_node.forward import Forwarder
 from ldct_node.migrate import UpgradeResult, upgrade
 from ldct_node.model.cascade import Cascade
 from ldct_node.monitoring import MetricsServer, start_metrics_server
+from ldct_node.preflight import start_checks
 from ldct_node.receive import start_receiver, stop_receiver
 from ldct_node.scheduler import DUTIES, NodeScheduler
 from ldct_node.spool import Spool
@@ -64,7 +68,15 @@ SHARED_TMP_GRACE_S = 3600.0
 
 
 class NodeStartError(RuntimeError):
-    """The node cannot start (e.g. its port is taken); the message says why."""
+    """The node cannot start (e.g. its port is taken); the message says why.
+
+    ``config_problem``: fixing it takes a change to the config or the machine (a path
+    that cannot be written, missing weights), not a later retry.
+    """
+
+    def __init__(self, message: str, *, config_problem: bool = False) -> None:
+        super().__init__(message)
+        self.config_problem = config_problem
 
 
 class Node:
@@ -122,6 +134,22 @@ class Node:
         """
         settings = self.settings
         receives, works, duties = ROLES[self.role]
+        # Before anything is created or loaded: a failed start leaves nothing behind.
+        failed = [c for c in start_checks(settings, receives=receives, works=works) if not c.ok]
+        if failed:
+            raise NodeStartError(
+                "; ".join(f"{c.name}: {c.detail}" for c in failed),
+                config_problem=any(not c.name.endswith("port") for c in failed),
+            )
+        if self.cascade is None and works:
+            self.cascade = Cascade.load(
+                settings.weights_path,
+                batch_size=settings.model.batch_size,
+                device=settings.model.device,
+                precision=settings.model.precision,
+                memory_budget_mb=settings.model.memory_budget_mb,
+            )
+            self.cascade.warm_up()
         self.db = open_database(settings, create=False)
         self.migration = upgrade(self.db)
         self.spool = Spool(settings.spool_path)
@@ -133,15 +161,6 @@ class Node:
         self.db.requeue_expired()
         alone = self.role == "all" and self.db.engine.dialect.name == "sqlite"
         self.spool.clean_tmp(older_than_seconds=0.0 if alone else SHARED_TMP_GRACE_S)
-        if self.cascade is None and works:
-            self.cascade = Cascade.load(
-                settings.weights_path,
-                batch_size=settings.model.batch_size,
-                device=settings.model.device,
-                precision=settings.model.precision,
-                memory_budget_mb=settings.model.memory_budget_mb,
-            )
-            self.cascade.warm_up()
         self.forwarder = Forwarder(settings, self.db, owner=self.worker_id)
         if works and self.cascade is not None:
             self.worker = Worker(

@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import DCMTK_ENV, dcmtk_tool
+from _common import stop_process as stop_process
+
 from ldct_node.config import Settings, parse_settings
 from ldct_node.db import Database
 from ldct_node.receive import start_receiver, stop_receiver
@@ -40,20 +45,10 @@ from ldct_node.spool import Spool
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT_S = 60
-HAVE_STORESCU = all(shutil.which(t) for t in ("storescu", "echoscu"))
+HAVE_STORESCU = all(dcmtk_tool(t) for t in ("storescu", "echoscu"))
 needs_dcmtk_net = pytest.mark.skipif(not HAVE_STORESCU, reason="DCMTK storescu/echoscu missing")
 HAVE_OPENSSL = shutil.which("openssl") is not None
 needs_openssl = pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl CLI missing")
-
-
-def stop_process(process: subprocess.Popen[Any], grace: float = 10) -> None:
-    """Terminate a peer process; kill it if it has not exited after ``grace`` seconds."""
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
 
 
 def tls_security(pki: dict[str, Path], *, mutual: bool) -> dict[str, str]:
@@ -126,9 +121,12 @@ def running_receiver(settings: Settings) -> Iterator[Node]:
 def dcmtk(
     tool: str, *args: str | Path, timeout: float = TOOL_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
-    """Run a DCMTK command line tool; never raises on a non-zero exit (check ``returncode``)."""
-    cmd = [tool, *(str(a) for a in args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    """Run a DCMTK command line tool (DCMTK's, never a same-named script; with
+    TCP_NODELAY=1); never raises on a non-zero exit (check ``returncode``)."""
+    cmd = [dcmtk_tool(tool) or tool, *(str(a) for a in args)]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=DCMTK_ENV
+    )
 
 
 def storescu(

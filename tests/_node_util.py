@@ -8,7 +8,6 @@ here is stopped by the context manager that started it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +21,12 @@ from typing import Any, TypeVar
 import pydicom
 import pytest
 import tomli_w
-from _net_util import LOOPBACK, dcmtk, free_port, stop_process
+from _net_util import DCMTK_ENV, LOOPBACK, dcmtk, dcmtk_tool, free_port, stop_process
 
 from ldct_node.db import Database, ReceivedInstance
 from ldct_node.spool import Spool
 
-HAVE_STORESCP = all(shutil.which(t) for t in ("storescp", "storescu", "echoscu"))
+HAVE_STORESCP = all(dcmtk_tool(t) for t in ("storescp", "storescu", "echoscu"))
 needs_storescp = pytest.mark.skipif(not HAVE_STORESCP, reason="DCMTK storescp/storescu missing")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,11 +91,22 @@ def storescp(
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = (directory.parent / f"storescp-{port}.log").open("wb")
-    args = ["storescp", "-aet", ae_title, "-od", str(directory), "+xa", "-ts", "30", "-ta", "30"]
+    args = [
+        dcmtk_tool("storescp") or "storescp",
+        "-aet",
+        ae_title,
+        "-od",
+        str(directory),
+        "+xa",
+        "-ts",
+        "30",
+        "-ta",
+        "30",
+    ]
     if unique_names:
         args.append("+uf")
     args.append(str(port))
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     try:
         wait_for(
             lambda: process.poll() is not None or echo_ok(port, ae_title),

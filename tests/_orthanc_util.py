@@ -12,6 +12,7 @@ configured modalities at their host (``DicomAlwaysAllow*`` false,
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ class Orthanc:
     ae_title: str
     folder: Path
     process: subprocess.Popen[bytes]
+    #: (user, password) for HTTP basic authentication, when the instance requires it.
+    auth: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -54,6 +57,9 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode("ascii")
+            req.add_header("Authorization", f"Basic {token}")
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
         try:
@@ -106,17 +112,27 @@ class Orthanc:
 
 @contextmanager
 def running_orthanc(
-    folder: Path, modalities: dict[str, tuple[str, int]], *, ae_title: str = "ORTHANC"
+    folder: Path,
+    modalities: dict[str, tuple[str, int]],
+    *,
+    ae_title: str = "ORTHANC",
+    extra: dict[str, Any] | None = None,
+    users: dict[str, str] | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc in ``folder`` knowing ``modalities`` (name -> (AE title, port) on
-    127.0.0.1); stop it (and wait for it) on exit."""
+    127.0.0.1); stop it (and wait for it) on exit.
+
+    ``extra`` is merged over the generated configuration (e.g. DICOM TLS options or
+    ``Plugins``); ``users`` (name -> password) turns HTTP authentication on, and the
+    yielded object's REST calls use the first user.
+    """
     if ORTHANC_BIN is None:
         pytest.skip("Orthanc is not installed")
     folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     while dicom_port == http_port:
         dicom_port = free_port()
-    config = {
+    config: dict[str, Any] = {
         "Name": "ldct-node-test",
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "storage"),
@@ -138,13 +154,18 @@ def running_orthanc(
             for name, (aet, port) in modalities.items()
         },
     }
+    if users:
+        config["AuthenticationEnabled"] = True
+        config["RegisteredUsers"] = dict(users)
+    config.update(extra or {})
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = (folder / "orthanc.log").open("wb")
     process = subprocess.Popen(
         [str(ORTHANC_BIN), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=folder
     )
-    server = Orthanc(http_port, dicom_port, ae_title, folder, process)
+    auth = next(iter(users.items())) if users else None
+    server = Orthanc(http_port, dicom_port, ae_title, folder, process, auth)
 
     def ready() -> bool:
         if process.poll() is not None:

@@ -82,6 +82,8 @@ def seeded(tmp_path: Path) -> Any:
 
 def test_status_of_an_empty_node_is_healthy(tmp_path: Path, capsys: Any) -> None:
     config = make_config(tmp_path)
+    rc, _, err = run(capsys, "db", "upgrade", "--config", config)  # as `serve` does at start
+    assert rc == 0, err
     rc, out, _ = run(capsys, "status", "--config", config, "--json")
     assert rc == 0
     data = json.loads(out)
@@ -212,3 +214,41 @@ def test_bad_config_is_exit_2(tmp_path: Path, capsys: Any) -> None:
     for command in (["status"], ["jobs"], ["retry", "1"], ["cancel", "1"], ["purge"]):
         rc, _, err = run(capsys, *command, "--config", bad)
         assert rc == 2 and "node.port" in err, command
+
+
+def test_admin_commands_never_create_a_database(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: `status` without a config used to create ./var/ldct-node.db and report
+    healthy, so a monitoring check set up without --config stayed green forever."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LDCT_NODE_CONFIG", raising=False)
+    for command in (["status"], ["status", "--json"], ["jobs"], ["retry", "1"], ["purge"]):
+        rc, out, err = run(capsys, *command)
+        assert rc == 2, (command, out, err)
+        assert f"no job database at {tmp_path / 'var' / 'ldct-node.db'}" in err, err
+        assert "config: none (config.toml not found: built-in defaults)" in err
+    assert list(tmp_path.iterdir()) == []  # no var/, no database file
+
+    config = make_config(tmp_path / "node")  # a config, but the node never ran
+    rc, _, err = run(capsys, "status", "--config", config)
+    assert rc == 2 and f"config: {config}" in err and "start the node" in err
+    assert not (tmp_path / "node" / "node.db").exists()
+
+
+def test_status_names_its_config_and_piped_tables_are_not_cut(seeded: Seeded, capsys: Any) -> None:
+    failed = seeded.job("failed")
+    long_error = "instance 1.2.3: " + "a reason that goes on and on " * 8 + "THE END"
+    with seeded.db.session() as sess:  # a long error, as a real decoder message can be
+        from ldct_node.db import Job
+
+        sess.get(Job, failed).error = long_error  # type: ignore[union-attr]
+    rc, out, _ = run(capsys, "status", "--config", seeded.config)
+    assert rc == 1 and f"config {seeded.config}" in out
+    assert "THE END" in out
+    rc, out, _ = run(capsys, "status", "--config", seeded.config, "--json")
+    assert json.loads(out)["config"] == str(seeded.config)
+    rc, out, _ = run(capsys, "jobs", "--config", seeded.config)
+    uid = seeded.db.get_job(failed).series_instance_uid
+    assert uid in out and "THE END" in out  # whole UID and error: stdout is not a terminal
+    assert max(len(line) for line in out.splitlines()) > 200

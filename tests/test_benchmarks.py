@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _net_util import dcmtk_tool
 from conftest import REPO, SHARED_VGG
 
 BENCHMARKS = REPO / "benchmarks"
 needs_dcmtk = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("storescu", "storescp", "echoscu")),
+    not all(dcmtk_tool(t) for t in ("storescu", "storescp", "echoscu")),
     reason="DCMTK storescu/storescp/echoscu not installed",
 )
 
@@ -67,8 +67,15 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ["--images", "4", "--size", "64", "--repeats", "1", "--workdir", str(tmp_path)]
     )
     printed = capsys.readouterr().out
-    assert "ldct-node / storescp" in printed
-    assert result["images_per_s"]["ldct-node"] > 0 and result["images_per_s"]["storescp"] > 0
+    assert "ratio node_vs_storescp" in printed and "TCP_NODELAY=1" in printed
+    rates = result["images_per_s"]
+    orthanc = ["orthanc"] if _load("_common").ORTHANC_BIN else []
+    for name in ("ldct-node", "ldct-node x4", "storescp", "disk durable limit", *orthanc):
+        assert rates[name] > 0, name
+    assert set(result["ratios"]) == {
+        "node_vs_storescp", "node_vs_disk_limit", "concurrent_vs_one",
+        *(["node_vs_orthanc"] if orthanc else []),
+    }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"spool write+fsync", "db commit"}
 
 

@@ -117,3 +117,123 @@ def test_worker_lease_seconds() -> None:
     assert parse_settings({"worker": {"lease_seconds": 30}}).worker.lease_seconds == 30.0
     with pytest.raises(ConfigError, match=r"worker\.lease_seconds"):
         parse_settings({"worker": {"lease_seconds": 0}}, source="x.toml")
+
+
+# ------------------------------------------- config check and serve: what serve needs
+
+
+def _copied_config(folder: Path, **edits: str) -> Path:
+    """The shipped config.toml copied elsewhere, on 127.0.0.1 and a free port."""
+    from _net_util import free_port
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "config.toml").read_text()
+    text = text.replace('host = "0.0.0.0"', 'host = "127.0.0.1"', 1)
+    text = text.replace("port = 11112", f"port = {free_port()}", 1)
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = folder / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_copied_config_uses_the_bundled_weights(tmp_path: Path) -> None:
+    """Issue 16: a config copied to another folder passed `config check` and then
+    `serve` exited with "no MANIFEST.json": an unset weights_dir means the bundled ones."""
+    import tomllib
+
+    config = _copied_config(tmp_path / "etc")
+    assert load_settings(config).weights_path == REPO / "weights"
+    res = run_cli("config", "check", "--config", config)
+    assert res.returncode == 0, res.stderr
+    checks = [line for line in res.stdout.splitlines() if line.startswith("# ")]
+    assert any(line.startswith("# ok") and "weights:" in line and "(bundled)" in line
+               for line in checks), checks  # fmt: skip
+    assert res.stdout.rstrip().endswith("# config OK")
+    # The output is the effective config as valid TOML, resolved paths on their own.
+    printed = tomllib.loads(res.stdout)
+    assert printed["node"]["ae_title"] == "LDCT_NODE"
+    assert printed["outputs"][0]["name"] == "denoised"
+    assert printed["resolved"]["weights_dir"] == str(REPO / "weights")
+    assert printed["resolved"]["config_file"] == str(config)
+    assert not (tmp_path / "etc" / "var").exists()  # a check creates nothing
+
+
+def test_config_check_fails_on_what_serve_would_trip_on(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "file").write_text("not a folder")
+    config = _copied_config(
+        tmp_path / "a",
+        **{
+            'weights_dir = ""': 'weights_dir = "no-such-weights"',
+            'spool_dir = "var/spool"': f'spool_dir = "{tmp_path / "file" / "spool"}"',
+        },
+    )
+    settings = load_settings(config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", settings.node.port))
+        taken.listen()
+        res = run_cli("config", "check", "--config", config, "--json")
+    assert res.returncode == 2, res.stdout
+    failed = {c["name"]: c["detail"] for c in json.loads(res.stdout)["checks"] if not c["ok"]}
+    assert set(failed) == {"spool", "dicom port", "weights"}, failed
+    assert "cannot be created" in failed["spool"] and "storage.spool_dir" in failed["spool"]
+    assert "in use" in failed["dicom port"] and "node.port" in failed["dicom port"]
+    assert "no MANIFEST.json" in failed["weights"] and "model.weights_dir" in failed["weights"]
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_serve_checks_port_and_weights_first_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    bad_weights = _copied_config(
+        tmp_path / "w", **{'weights_dir = ""': 'weights_dir = "no-such-weights"'}
+    )
+    res = run_cli("serve", "--config", bad_weights, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "weights" in res.stderr and "no MANIFEST.json" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.toml"]
+
+    port_taken = _copied_config(tmp_path / "p")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", load_settings(port_taken).node.port))
+        taken.listen()
+        started = time.monotonic()
+        res = run_cli("serve", "--config", port_taken, timeout=120)
+        elapsed = time.monotonic() - started
+    # Exit 1: a port still held may free itself (systemd restarts on 1, never on 2).
+    assert res.returncode == 1, res.stderr
+    assert "in use" in res.stderr and "node.port" in res.stderr
+    assert "loaded cascade" not in res.stderr + res.stdout  # refused before the networks
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["config.toml"]
+    print(f"serve with its port taken exited after {elapsed:.1f} s")
+
+
+def test_config_check_loads_destination_tls_files_and_passwords(tmp_path: Path) -> None:
+    """A destination whose CA file or password cannot be read fails `config check` (and
+    `serve`), not the first forward hours later; the password is never printed."""
+    config = _copied_config(tmp_path / "d")
+    (tmp_path / "d" / "secret").write_text("hunter2-not-shown\n")
+    config.write_text(
+        config.read_text()
+        + '\n[[destinations]]\nname = "tlspacs"\nae_title = "PACS2"\nhost = "127.0.0.1"\n'
+        'port = 4243\ntls = true\ntls_ca = "missing-ca.pem"\n'
+        '\n[[destinations]]\nname = "web"\ntype = "dicomweb"\n'
+        'url = "http://127.0.0.1:8042/dicom-web"\nusername = "ldct"\npassword_file = "secret"\n'
+        '\n[[destinations]]\nname = "web2"\ntype = "dicomweb"\n'
+        'url = "http://127.0.0.1:8042/dicom-web"\nusername = "ldct"\n'
+        'password_env = "LDCT_TEST_UNSET_PASSWORD"\n'
+    )
+    res = run_cli("config", "check", "--config", config, "--json")
+    assert res.returncode == 2, res.stdout
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["destination pacs"]["ok"] and checks["destination web"]["ok"]
+    assert not checks["destination tlspacs"]["ok"]
+    assert "tls_ca" in checks["destination tlspacs"]["detail"]
+    assert not checks["destination web2"]["ok"]
+    assert "LDCT_TEST_UNSET_PASSWORD" in checks["destination web2"]["detail"]
+    assert "hunter2" not in res.stdout + res.stderr

@@ -11,15 +11,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from _dicom_util import make_ct_series
-from _net_util import LOOPBACK, free_port, node_settings
-from _node_util import echo_ok, needs_storescp, spool_series, storescp, wait_for
+from _forward_util import forwarding_job
+from _net_util import DCMTK_ENV, LOOPBACK, dcmtk_tool, free_port, node_settings
+from _node_util import echo_ok, needs_storescp, storescp, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from ldct_node.config import Destination, Settings
-from ldct_node.db import Database, JobState
+from ldct_node.config import Destination
+from ldct_node.db import JobState
 from ldct_node.forward import Forwarder, describe_status, echo, send_series
-from ldct_node.spool import Spool
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -74,7 +74,16 @@ def test_send_series_to_a_peer_that_only_takes_implicit_vr(tmp_path: Path) -> No
     pacs_dir.mkdir()
     port = free_port()
     proc = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), "+xi", str(port)],
+        [
+            dcmtk_tool("storescp") or "storescp",
+            "-aet",
+            "PACS",
+            "-od",
+            str(pacs_dir),
+            "+xi",
+            str(port),
+        ],
+        env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -156,24 +165,6 @@ def test_describe_status() -> None:
 # -------------------------------------------------------------------- Forwarder + database
 
 
-def forwarding_job(tmp_path: Path, settings: Settings, n: int = 2) -> tuple[Database, int]:
-    """A job in state ``forwarding`` whose derived files lie in the spool."""
-    db = Database(settings.database_url)
-    db.create_schema()
-    spool = Spool(settings.spool_path)
-    spool_series(db, spool, make_ct_series(tmp_path, n=n, size=16, subdir="src"))
-    db.promote_stable_series(stable_seconds=0)
-    job = db.claim_next_job("test")
-    assert job is not None
-    # Stand-ins for the derived files: what matters here is that they are sent.
-    derived = make_ct_series(spool.derived_dir(f"job-{job.id}"), n=n, size=16, subdir="out")
-    state = db.finish_processing(
-        job.id, "1.2.3.4", derived[0].parent, len(derived), [d.name for d in settings.destinations]
-    )
-    assert state == JobState.FORWARDING
-    return db, job.id
-
-
 def test_forwarder_books_a_refusal_with_backoff_and_fails_after_max_attempts(
     tmp_path: Path,
 ) -> None:
@@ -183,7 +174,7 @@ def test_forwarder_books_a_refusal_with_backoff_and_fails_after_max_attempts(
             destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": port}],
             forward={"max_attempts": 2, "backoff_seconds": [30]},
         )
-        db, job_id = forwarding_job(tmp_path, settings)
+        db, job_id, _ = forwarding_job(tmp_path, settings)
         forwarder = Forwarder(settings, db)
         before = datetime.now(UTC)
         assert forwarder.run_due() == 1
@@ -214,7 +205,7 @@ def test_forwarder_delivers_and_finishes_the_job(tmp_path: Path) -> None:
                 {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": pacs.port}
             ],
         )
-        db, job_id = forwarding_job(tmp_path, settings, n=3)
+        db, job_id, _ = forwarding_job(tmp_path, settings, n=3)
         assert Forwarder(settings, db).run_due() == 1
         assert len(pacs.datasets()) == 3
     job = db.get_job(job_id)
@@ -228,7 +219,7 @@ def test_forwarder_fails_at_once_when_derived_files_are_gone(tmp_path: Path) -> 
         tmp_path,
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 1}],
     )
-    db, job_id = forwarding_job(tmp_path, settings)
+    db, job_id, _ = forwarding_job(tmp_path, settings)
     output_dir = db.get_job(job_id).output_dir
     assert output_dir is not None
     for path in Path(output_dir).iterdir():
@@ -245,9 +236,35 @@ def test_forwarder_stopped_does_nothing(tmp_path: Path) -> None:
         tmp_path,
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 1}],
     )
-    db, job_id = forwarding_job(tmp_path, settings)
+    db, job_id, _ = forwarding_job(tmp_path, settings)
     forwarder = Forwarder(settings, db)
     forwarder.stop()
     assert forwarder.run_due() == 0
     assert db.get_job(job_id).forwards[0].attempts == 0
     db.close()
+
+
+def test_the_forwarders_connections_have_nagle_off(tmp_path: Path) -> None:
+    """Issue 18: with Nagle on, each C-STORE request after the first waits for the peer's
+    delayed ACK (~40 ms); the forwarder's sockets set TCP_NODELAY."""
+    import socket
+
+    from ldct_node import forward
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server((LOOPBACK, port), block=False)
+    try:
+        dest = Destination(name="pacs", ae_title="PACS", host=LOOPBACK, port=port)
+        ae = forward._make_ae("LDCT_NODE")
+        ae.add_requested_context(Verification)
+        attempt = forward._associate(ae, dest, None)
+        try:
+            assert attempt.assoc.is_established
+            sock = attempt.assoc.dul.socket.socket  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            attempt.assoc.release()
+    finally:
+        server.shutdown()

@@ -33,7 +33,9 @@ from _net_util import (
     HAVE_OPENSSL,
     LOOPBACK,
     dataset_bytes,
+    dcmtk,
     make_test_pki,
+    needs_dcmtk_net,
     needs_openssl,
     node_settings,
     p_data_pdu,
@@ -469,16 +471,14 @@ def test_a_pdu_trickled_inside_an_association_is_aborted_at_its_deadline(
         assert 1.5 <= closed_after < 3.0, closed_after
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/bin/storescu"), reason="DCMTK storescu missing")
+@needs_dcmtk_net
 def test_full_size_pdus_of_real_senders_pass_the_limit(tmp_path: Path) -> None:
     """512x512 slices fill PDUs to the node's maximum (262,144): DCMTK and pynetdicom."""
     files = make_ct_series(tmp_path, n=2, size=512)
     with running_receiver(node_settings(tmp_path)) as node:
-        result = subprocess.run(
-            ["/usr/bin/storescu", "-aec", node.ae_title, "-to", "20", "-ta", "20", "-td", "20",
-             LOOPBACK, str(node.port), str(files[0])],
-            capture_output=True, text=True, timeout=60, check=False,
-            env={**os.environ, "TCP_NODELAY": "1"},
+        result = dcmtk(
+            "storescu", "-aec", node.ae_title, "-to", "20", "-ta", "20", "-td", "20",
+            LOOPBACK, str(node.port), str(files[0]), timeout=60,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         with scu_association(node.port, [CT]) as assoc:
@@ -728,3 +728,21 @@ def test_garbage_command_set_aborts_cleanly_and_the_node_keeps_serving(
             what="the acceptor threads to end",
         )
     assert died == []
+
+
+def test_accepted_connections_have_nagle_off(tmp_path: Path) -> None:
+    """Issue 18: the node's sockets set TCP_NODELAY, so a small DIMSE response is not held
+    back by Nagle's algorithm waiting for the peer's delayed ACK."""
+    import socket as socketlib
+
+    with (
+        running_receiver(node_settings(tmp_path)) as node,
+        socketlib.create_connection((LOOPBACK, node.port), timeout=10),
+    ):
+        # Silent: the connection sits in its pending slot, where the test can see it.
+        pending = node.server.pending  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while not len(pending) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (sock,) = list(pending._sockets.values())
+        assert sock.getsockopt(socketlib.IPPROTO_TCP, socketlib.TCP_NODELAY) == 1
