@@ -87,18 +87,34 @@ def test_same_input_gives_same_uids(tmp_path: Path, untrained_weights: Path) -> 
     assert "blend 0.3" in derived.DerivationDescription
 
 
-@needs_dcmtk
-@pytest.mark.parametrize("syntax", ["jpeg-lossless-sv1", "jpeg-lossless", "j2k-lossless", "rle"])
-def test_every_transfer_syntax(tmp_path: Path, untrained_weights: Path, syntax: str) -> None:
-    plain = make_ct_series(tmp_path / "plain", n=2, size=40, seed=3)
-    packed_dir = tmp_path / "packed"
-    packed_dir.mkdir()
-    packed = [compress(p, syntax, packed_dir / p.name) for p in plain]
-    out_plain, out_packed = tmp_path / "op", tmp_path / "oc"
+@pytest.fixture(scope="module")
+def plain_denoised(
+    tmp_path_factory: pytest.TempPathFactory, untrained_weights: Path
+) -> tuple[list[Path], Path]:
+    """An uncompressed series and its ``denoise`` output, once for every syntax below."""
+    folder = tmp_path_factory.mktemp("plain")
+    plain = make_ct_series(folder / "plain", n=2, size=40, seed=3)
+    out_plain = folder / "op"
     assert (
         run_cli("denoise", *plain, "--output", out_plain, "--weights", untrained_weights).returncode
         == 0
     )
+    return plain, out_plain
+
+
+@needs_dcmtk
+@pytest.mark.parametrize("syntax", ["jpeg-lossless-sv1", "jpeg-lossless", "j2k-lossless", "rle"])
+def test_every_transfer_syntax(
+    tmp_path: Path,
+    untrained_weights: Path,
+    syntax: str,
+    plain_denoised: tuple[list[Path], Path],
+) -> None:
+    plain, out_plain = plain_denoised
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir()
+    packed = [compress(p, syntax, packed_dir / p.name) for p in plain]
+    out_packed = tmp_path / "oc"
     res = run_cli("denoise", *packed, "--output", out_packed, "--weights", untrained_weights)
     assert res.returncode == 0, res.stderr
     a = [hu_of(p) for files in _derived_files(out_plain).values() for p in files]
