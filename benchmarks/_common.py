@@ -322,7 +322,11 @@ def orthanc_process(folder: Path, sender_aet: str = "BENCH") -> Iterator[int]:
     }
     path = folder / "orthanc.json"
     path.write_text(json.dumps(config))
-    with dicom_peer([ORTHANC_BIN, str(path)], folder, dicom_port, "ORTHANC", 60, cwd=folder):
+    # Orthanc is built on DCMTK, which reads TCP_NODELAY too.
+    peer = dicom_peer(
+        [ORTHANC_BIN, str(path)], folder, dicom_port, "ORTHANC", 60, cwd=folder, env=DCMTK_ENV
+    )
+    with peer:
         yield dicom_port
 
 

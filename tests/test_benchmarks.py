@@ -59,6 +59,12 @@ def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert all(r["slices_per_s"] > 0 and r["fraction_of_matmul"] > 0 for r in rows)
     assert result["flop_per_slice"] == 2 * 451_202 * 32 * 32
     assert json.loads(out.read_text())["ratios"].keys() == result["ratios"].keys()
+    # The float32 roofline is the best matmul measured, numpy's BLAS included.
+    assert result["numpy_matmul_gflops"] > 0
+    assert result["matmul_gflops"]["float32"] == max(
+        result["backend_matmul_gflops"]["float32"], result["numpy_matmul_gflops"]
+    )
+    assert "nominal CPU FMA peak" in printed
 
 
 @needs_dcmtk
