@@ -29,7 +29,7 @@ from ldct_node.config import ConfigError, Settings, load_settings
 from ldct_node.progress import make_progress
 
 if TYPE_CHECKING:
-    from ldct_node.db import Database
+    from ldct_node.store import Database
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -174,7 +174,7 @@ def config_check(
     counts), spool and database writable, ports free. Prints the effective settings as
     TOML; exit 2 if anything is wrong."""
     with _errors():
-        from ldct_node.preflight import start_checks
+        from ldct_node.service.preflight import start_checks
 
         settings = _settings(config)
         data = settings.model_dump(mode="json")
@@ -247,7 +247,7 @@ def denoise(
 ) -> None:
     """Denoise DICOM series offline: one derived series per input series. No network, no DB."""
     with _errors():
-        from ldct_node.denoise_files import run_denoise
+        from ldct_node.offline import run_denoise
 
         settings = _settings(config)
         weights_dir = weights if weights is not None else default_weights_dir(settings)
@@ -345,7 +345,7 @@ def simulate(
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with _errors():
-        from ldct_node.model.simulate import simulate_dataset
+        from ldct_node.lab.simulate import simulate_dataset
 
         if geometry not in ("parallel", "fan"):
             raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
@@ -454,9 +454,9 @@ def train(
 ) -> None:
     """Train both networks of the cascade (or a comparison method) and write weights."""
     with _errors():
-        from ldct_node.model.losses import PERCEPTUAL_NORMS
-        from ldct_node.model.train import LR_SCHEDULES, METHODS, TrainOptions
-        from ldct_node.model.train import train as run_training
+        from ldct_node.lab.losses import PERCEPTUAL_NORMS
+        from ldct_node.lab.train import LR_SCHEDULES, METHODS, TrainOptions
+        from ldct_node.lab.train import train as run_training
 
         if vgg_weights != "imagenet" and not Path(vgg_weights).is_file():
             raise UsageError(f"--vgg-weights: {vgg_weights} is not a file (or use 'imagenet')")
@@ -559,7 +559,7 @@ def evaluate(
 ) -> None:
     """Measure image quality (PSNR, SSIM, RMSE, noise, CNR, HU bias, MTF50) of methods."""
     with _errors():
-        from ldct_node.model import evaluation as ev
+        from ldct_node.lab import evaluation as ev
 
         for name, folder in (("--ldct", ldct), ("--reference", reference), ("--truth", truth)):
             if folder is not None and not folder.is_dir():
@@ -621,7 +621,7 @@ def _open_db(settings: Settings, config: Path | None) -> Database:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ldct_node.db import Database
+    from ldct_node.store import Database
 
     url = make_url(settings.database_url)
     source = _config_source(config)
@@ -686,7 +686,7 @@ def serve(
         from sqlalchemy.engine import make_url
 
         from ldct_node.model.cascade import WeightsError
-        from ldct_node.node import ROLES, Node, NodeStartError
+        from ldct_node.service.node import ROLES, Node, NodeStartError
 
         if role not in ROLES:
             raise UsageError(f"--role: expected one of {', '.join(ROLES)}, got {role!r}")
@@ -734,7 +734,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import SQLAlchemyError
 
-        from ldct_node.migrate import upgrade
+        from ldct_node.store.migrate import upgrade
 
         settings = _settings(config)
         db_url = make_url(settings.database_url).render_as_string(hide_password=True)
@@ -883,7 +883,7 @@ def jobs(
     with _errors():
         from rich.table import Table
 
-        from ldct_node.db import JobState
+        from ldct_node.store import JobState
 
         if limit is not None and limit < 1:
             raise UsageError(f"--limit: must be >= 1, got {limit}")
@@ -928,7 +928,7 @@ def jobs(
 
 
 def _change_job(config: Path | None, job_id: int, action: str) -> None:
-    from ldct_node.db import JobNotFoundError, TransitionError
+    from ldct_node.store import JobNotFoundError, TransitionError
 
     hints = {
         "retry": "retry applies to failed or cancelled jobs",
@@ -987,8 +987,8 @@ def purge(
     with _errors():
         if older_than is not None and not older_than >= 0:
             raise UsageError(f"--older-than: must be a number of days >= 0, got {older_than}")
-        from ldct_node.scheduler import purge_expired
-        from ldct_node.spool import Spool
+        from ldct_node.service.scheduler import purge_expired
+        from ldct_node.service.spool import Spool
 
         settings = _settings(config)
         days = settings.storage.retention_days if older_than is None else older_than
@@ -1026,7 +1026,7 @@ def echo(
     """C-ECHO a configured destination, over TLS if it uses TLS; for a DICOMweb destination
     an authenticated QIDO-RS query (exit 1 if it does not answer success)."""
     with _errors():
-        from ldct_node.forward import echo as send_echo
+        from ldct_node.service.forward import echo as send_echo
 
         settings = _settings(config)
         try:

@@ -157,7 +157,7 @@ class OutputProfile(_Section):
     hu_fidelity_mm: float = Field(DEFAULT_HU_FIDELITY_MM, ge=0.0, le=20.0)
     series_description_suffix: str = " [LDCT denoised]"
     series_number_offset: int = 1000
-    # Routing (see ldct_node.routing): where this profile's series go and which source
+    # Routing (see ldct_node.service.routing): where this profile's series go and which source
     # series it applies to. Empty lists mean "all destinations" / "no restriction".
     destinations: list[str] = Field(default_factory=list)
     calling_aets: list[str] = Field(default_factory=list)

@@ -36,10 +36,10 @@ from _node_util import (
 from pydicom.uid import UID, generate_uid
 
 from ldct_node.config import Settings, load_settings
-from ldct_node.db import Database, JobInfo, JobState
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.worker import profile_image
+from ldct_node.service.worker import profile_image
+from ldct_node.store import Database, JobInfo, JobState
 
 pytestmark = [needs_storescp, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """The schema of ldct-node 0.1 (before migrations existed: ``create_all``).
 
 Databases created by that version have exactly these tables and no
-``alembic_version``; :func:`ldct_node.migrate.upgrade` stamps them with this revision
+``alembic_version``; :func:`ldct_node.store.migrate.upgrade` stamps them with this revision
 and upgrades them from here.
 
 Revision ID: 0001

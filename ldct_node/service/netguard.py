@@ -1,5 +1,5 @@
 """What stands between the network and pynetdicom: connection admission, PDU bounds and
-log hygiene for the receiver (:mod:`ldct_node.receive`).
+log hygiene for the receiver (:mod:`ldct_node.service.receive`).
 
 pynetdicom offers no hook before an association request is complete, so the node uses
 its own server class and adopts pynetdicom's per-connection objects at the narrowest

@@ -1,5 +1,5 @@
 """Image-quality metrics on HU images: PSNR, SSIM, RMSE, noise, CNR, CT-number bias
-and MTF. :mod:`ldct_node.model.evaluation` applies them to held-out series and writes
+and MTF. :mod:`ldct_node.lab.evaluation` applies them to held-out series and writes
 the report (``ldct-node evaluate``).
 """
 

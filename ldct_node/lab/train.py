@@ -30,6 +30,14 @@ from typing import Any
 import numpy as np
 
 from ldct_node import __version__
+from ldct_node.lab.data import (
+    PatchSet,
+    extract_patches,
+    find_cases,
+    load_case,
+    split_cases,
+)
+from ldct_node.lab.metrics import rmse
 from ldct_node.model.cascade import (
     HU_MIN,
     HU_RANGE,
@@ -38,14 +46,6 @@ from ldct_node.model.cascade import (
     model_to_hu,
     sha256_file,
 )
-from ldct_node.model.data import (
-    PatchSet,
-    extract_patches,
-    find_cases,
-    load_case,
-    split_cases,
-)
-from ldct_node.model.metrics import rmse
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class TrainOptions:
             raise ValueError("max_patches must be >= 1")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        from ldct_node.model.losses import PERCEPTUAL_NORMS
+        from ldct_node.lab.losses import PERCEPTUAL_NORMS
 
         if self.perceptual_norm not in PERCEPTUAL_NORMS:
             raise ValueError(
@@ -390,7 +390,7 @@ def _stage_loss(
     with ``perceptual_norm = "calibrated"``, the perceptual scale it divides by."""
     if spec.loss == "mse":
         return "mse", None
-    from ldct_node.model.losses import (
+    from ldct_node.lab.losses import (
         calibrate_perceptual_scale,
         load_vgg_extractor,
         make_perceptual_mse_loss,

@@ -1,4 +1,4 @@
-"""Alembic environment: runs the revisions on the connection :mod:`ldct_node.migrate`
+"""Alembic environment: runs the revisions on the connection :mod:`ldct_node.store.migrate`
 hands over (``config.attributes["connection"]``), or on ``sqlalchemy.url`` when Alembic's
 own command line is used by a developer (``alembic -c ... revision --autogenerate``).
 """
@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
-from ldct_node.db import Base
+from ldct_node.store import Base
 
 config = context.config
 target_metadata = Base.metadata

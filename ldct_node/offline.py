@@ -18,10 +18,10 @@ import pydicom
 from rich.progress import Progress
 
 from ldct_node.config import Settings
-from ldct_node.dicomio import InputError, processing_skip_reason, read_instance, scan_inputs
-from ldct_node.enhanced import n_frames
+from ldct_node.dicom.enhanced import n_frames
+from ldct_node.dicom.io import InputError, processing_skip_reason, read_instance, scan_inputs
 from ldct_node.model.cascade import Cascade
-from ldct_node.worker import denoise_series
+from ldct_node.service.worker import denoise_series
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ other accepted SOP class the files carry) with Explicit and Implicit VR Little E
 the derived files are uncompressed, so every storage SCP can take them. An attempt
 succeeds when the peer answers success or a warning (0x0000, 0xB000, 0xB006, 0xB007)
 for every instance. A failure status, a missing response or no association at all is
-booked with :meth:`ldct_node.db.Database.record_forward_result` together with the
+booked with :meth:`ldct_node.store.Database.record_forward_result` together with the
 peer's status code and text, and the next attempt is scheduled after
 ``forward.backoff_seconds``; after ``forward.max_attempts`` failures the job is
 ``failed`` with that error. A retry resends the whole derived series: its UIDs are
@@ -18,7 +18,7 @@ alternative name; ``tls_cert``/``tls_key`` are presented for mutual TLS. There i
 fallback to plain TCP: a failed handshake is a failed attempt like a refused connection,
 booked with what went wrong (certificate not trusted, wrong name, no TLS on that port).
 
-DICOMweb destinations (``type = "dicomweb"``) go through :mod:`ldct_node.dicomweb`
+DICOMweb destinations (``type = "dicomweb"``) go through :mod:`ldct_node.service.dicomweb`
 (STOW-RS) from the same :func:`send_series` and :class:`Forwarder`, with the same
 attempts, backoff and bookkeeping.
 
@@ -46,11 +46,11 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from ldct_node import monitoring
 from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
-from ldct_node.db import Database, ForwardInfo, JobState
-from ldct_node.netguard import set_nodelay
-from ldct_node.worker import default_worker_id
+from ldct_node.service import monitoring
+from ldct_node.service.netguard import set_nodelay
+from ldct_node.service.worker import default_worker_id
+from ldct_node.store import Database, ForwardInfo, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def send_series(
     if not paths:
         raise ValueError("paths: nothing to send")
     if destination.type == "dicomweb":
-        from ldct_node.dicomweb import send_series as stow_series
+        from ldct_node.service.dicomweb import send_series as stow_series
 
         return stow_series(paths, destination, should_stop=should_stop)
     total = len(paths)
@@ -408,7 +408,7 @@ def _close(assoc: Association, ae: AE) -> None:
 
 def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tuple[bool, str]:
     """C-ECHO ``destination`` (over TLS when it has ``tls = true``); for a DICOMweb
-    destination an authenticated QIDO-RS request (:func:`ldct_node.dicomweb.echo`).
+    destination an authenticated QIDO-RS request (:func:`ldct_node.service.dicomweb.echo`).
 
     Returns
     -------
@@ -416,7 +416,7 @@ def echo(destination: Destination, *, calling_ae_title: str = "LDCT_NODE") -> tu
         Whether it answered success, and a one-line message saying what happened.
     """
     if destination.type == "dicomweb":
-        from ldct_node.dicomweb import echo as qido_echo
+        from ldct_node.service.dicomweb import echo as qido_echo
 
         return qido_echo(destination)
     try:
@@ -457,7 +457,7 @@ class Forwarder:
     :meth:`run_due` is called by the scheduler (periodically and when the worker has
     finished a job); concurrent calls return at once while one is sending. Several
     processes may share the job table: each forward is claimed
-    (:meth:`~ldct_node.db.Database.claim_forward`) before it is sent, and the claim is
+    (:meth:`~ldct_node.store.Database.claim_forward`) before it is sent, and the claim is
     renewed while sending, so a series is never sent by two processes at once.
 
     Parameters

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ldct_node.model import metrics as m
-from ldct_node.model.data import DataError, PairedCase, load_case, load_series_hu
+from ldct_node.lab import metrics as m
+from ldct_node.lab.data import DataError, PairedCase, load_case, load_series_hu
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Method:
 
 def _series_folders(root: Path) -> dict[str, list[Path]]:
     """Folders holding one CT series each below ``root``, by FrameOfReferenceUID."""
-    from ldct_node.dicomio import scan_inputs
+    from ldct_node.dicom.io import scan_inputs
 
     scan = scan_inputs([root])
     found: dict[str, list[Path]] = {}

@@ -14,9 +14,9 @@ in the job database, so a success status means nothing can be lost::
 The bytes are stored exactly as received (file meta built from the negotiated
 presentation context + the dataset bytes), whatever the transfer syntax; decoding
 happens in the worker. Instances that are not to be processed (localizers, derived or
-our own output, see :func:`ldct_node.dicomio.processing_skip_reason`) are stored with
+our own output, see :func:`ldct_node.dicom.io.processing_skip_reason`) are stored with
 their skip reason and create no job; so are those of a series that no ``[[outputs]]``
-profile applies to (:mod:`ldct_node.routing`: calling AE, SeriesDescription and
+profile applies to (:mod:`ldct_node.service.routing`: calling AE, SeriesDescription and
 ConvolutionKernel filters), logged once per series by UID and sender. Jobs are created
 only for the profiles that apply. SOP classes not in ``series.accept_sop_classes``
 are not negotiated, so the association rejects their presentation contexts.
@@ -28,12 +28,12 @@ permanent, service user, "calling AE title not recognised", 0x03),
 A-ASSOCIATE-RJ reason 0x07) and DICOM TLS with ``security.tls_cert``/``tls_key``
 (``tls_ca``: client certificates required). Connections that have not yet sent a
 complete association request are bounded in number and time, apart from the
-established associations (:mod:`ldct_node.netguard`), and so are PDU lengths.
+established associations (:mod:`ldct_node.service.netguard`), and so are PDU lengths.
 
 A C-STORE request whose Affected SOP Instance UID is empty or breaks the UID rules
 (``.``, ``..``, empty components, other than digits and dots, over 64 characters) is
 answered 0x0117 (invalid object instance); everything from the network that is logged
-goes through :func:`ldct_node.netguard.printable`.
+goes through :func:`ldct_node.service.netguard.printable`.
 """
 
 from __future__ import annotations
@@ -56,13 +56,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ldct_node.config import SecuritySettings, Settings
-from ldct_node.db import Database, ReceivedInstance
-from ldct_node.dicomio import processing_skip_reason, slice_position
-from ldct_node.monitoring import INSTANCES_RECEIVED
-from ldct_node.netguard import (
+from ldct_node.dicom.io import processing_skip_reason, slice_position
+from ldct_node.service.monitoring import INSTANCES_RECEIVED
+from ldct_node.service.netguard import (
     INVALID_OBJECT_INSTANCE as INVALID_OBJECT_INSTANCE,
 )
-from ldct_node.netguard import (
+from ldct_node.service.netguard import (
     GuardedAssociationServer,
     GuardSettings,
     install_log_filter,
@@ -70,8 +69,9 @@ from ldct_node.netguard import (
     printable,
     valid_uid,
 )
-from ldct_node.routing import matching_profiles
-from ldct_node.spool import Spool
+from ldct_node.service.routing import matching_profiles
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database, ReceivedInstance
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def make_context(settings: Settings, db: Database, spool: Spool) -> ReceiverCont
 
 
 def guard_settings(settings: Settings) -> GuardSettings:
-    """Admission limits from ``[security]`` (see :mod:`ldct_node.netguard`)."""
+    """Admission limits from ``[security]`` (see :mod:`ldct_node.service.netguard`)."""
     sec = settings.security
     return GuardSettings(
         allowed_networks=tuple(ipaddress.ip_network(h, strict=False) for h in sec.allowed_hosts),

@@ -36,9 +36,9 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ldct_node.config import Settings
-from ldct_node.db import Database
-from ldct_node.forward import Forwarder
-from ldct_node.spool import Spool
+from ldct_node.service.forward import Forwarder
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class NodeScheduler:
             "stability": (self.sweep_stable, stability_interval(self._stable_seconds)),
             "forward": (self.forwarder.run_due, forward_interval(self._backoff)),
             "purge": (self.purge, PURGE_INTERVAL_S),
-            "stale": (self.requeue_stale, min(STALE_CHECK_INTERVAL_S, max(lease / 2, 0.5))),
+            "stale": (self.requeue_expired, min(STALE_CHECK_INTERVAL_S, max(lease / 2, 0.5))),
         }
         for name in self.duties:
             self._add(name, *every[name])
@@ -223,7 +223,7 @@ class NodeScheduler:
         """Retention purge with ``storage.retention_days``."""
         return purge_expired(self.db, self.spool, self.settings.storage.retention_days)
 
-    def requeue_stale(self) -> list[int]:
+    def requeue_expired(self) -> list[int]:
         """``running -> queued`` for jobs whose worker's lease expired (it died)."""
         ids = self.db.requeue_expired()
         for job_id in ids:

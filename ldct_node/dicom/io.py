@@ -794,7 +794,7 @@ def is_own_output(ds: Dataset) -> bool:
     """True for instances this node derived (the loop guard).
 
     Looks at ContributingEquipmentSequence (Manufacturer), SoftwareVersions and
-    DerivationDescription, which :func:`ldct_node.derive.derive_instance` all fill in.
+    DerivationDescription, which :func:`ldct_node.dicom.derive.derive_instance` all fill in.
     Series written by :func:`write_ct_series` (e.g. simulated low-dose data) are not own
     output: they are originals and may be denoised.
     """

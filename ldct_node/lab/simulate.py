@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ldct_node import dicomio
+from ldct_node.dicom import io as dicomio
 
 logger = logging.getLogger(__name__)
 

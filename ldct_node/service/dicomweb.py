@@ -8,7 +8,7 @@ answers 2xx and its response (a DICOM JSON dataset) lists no instance in
 FailedSOPSequence (0008,1198) and, when it has a ReferencedSOPSequence (0008,1199),
 confirms every instance sent. Anything else (an HTTP error, a partial failure, no
 connection, a TLS or authentication failure) fails the whole attempt with one line
-saying what went wrong; :class:`ldct_node.forward.Forwarder` books it and retries with
+saying what went wrong; :class:`ldct_node.service.forward.Forwarder` books it and retries with
 the normal backoff, exactly as for C-STORE destinations. A resend is harmless: the
 derived UIDs are deterministic.
 
@@ -41,7 +41,7 @@ from typing import Any
 from pydicom import dcmread
 
 from ldct_node.config import Destination
-from ldct_node.forward import SendResult, client_tls_context, describe_status
+from ldct_node.service.forward import SendResult, client_tls_context, describe_status
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ Start-up order (each step is safe to repeat after a crash, and while other proce
 use the same database):
 
 1. check, creating nothing, that the spool and the database can be written, the
-   ports bound and the weights found (:mod:`ldct_node.preflight`);
+   ports bound and the weights found (:mod:`ldct_node.service.preflight`);
 2. worker roles: load the cascade once (``model.*``, weights from ``model.weights_dir``,
    by default the bundled ones);
-3. bring the schema up to date (Alembic, :func:`ldct_node.migrate.upgrade`);
+3. bring the schema up to date (Alembic, :func:`ldct_node.store.migrate.upgrade`);
 4. re-queue jobs whose worker is gone: leases that expired, and jobs held by a
    process of this host that no longer exists (the previous run of this node);
 5. remove half-written temporary files from the spool (``clean_tmp``; when the spool
@@ -40,16 +40,16 @@ from types import FrameType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ldct_node.config import Settings
-from ldct_node.db import Database, open_database
-from ldct_node.forward import Forwarder
-from ldct_node.migrate import UpgradeResult, upgrade
 from ldct_node.model.cascade import Cascade
-from ldct_node.monitoring import MetricsServer, start_metrics_server
-from ldct_node.preflight import start_checks
-from ldct_node.receive import start_receiver, stop_receiver
-from ldct_node.scheduler import DUTIES, NodeScheduler
-from ldct_node.spool import Spool
-from ldct_node.worker import Worker, default_worker_id, is_dead_local_worker
+from ldct_node.service.forward import Forwarder
+from ldct_node.service.monitoring import MetricsServer, start_metrics_server
+from ldct_node.service.preflight import start_checks
+from ldct_node.service.receive import start_receiver, stop_receiver
+from ldct_node.service.scheduler import DUTIES, NodeScheduler
+from ldct_node.service.spool import Spool
+from ldct_node.service.worker import Worker, default_worker_id, is_dead_local_worker
+from ldct_node.store import Database, open_database
+from ldct_node.store.migrate import UpgradeResult, upgrade
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Schema migrations of the job database with Alembic (``ldct-node db upgrade``).
 
-The revisions ship inside the package (``ldct_node/migrations``), so an installed node
+The revisions ship inside the package (``ldct_node/store/migrations``), so an installed node
 can upgrade its database without the source tree. :func:`upgrade` is run by
 ``ldct-node db upgrade`` and by every ``ldct-node serve`` at start:
 
@@ -29,11 +29,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, Connection
 
-from ldct_node.db import Base, Database
+from ldct_node.store import Base, Database
 
 logger = logging.getLogger(__name__)
 
-SCRIPT_LOCATION = "ldct_node:migrations"
+SCRIPT_LOCATION = "ldct_node.store:migrations"
 #: The revision whose schema is what ldct-node 0.1 created with ``create_all``.
 BASELINE_REVISION = "0001"
 #: Key of the PostgreSQL advisory lock serialising concurrent upgrades ("ldct" in hex).
@@ -85,7 +85,7 @@ def head_revision() -> str:
     """The newest revision shipped with this version."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:  # pragma: no cover - the package always ships revisions
-        raise RuntimeError("no Alembic revisions found in ldct_node/migrations")
+        raise RuntimeError("no Alembic revisions found in ldct_node/store/migrations")
     return head
 
 
@@ -106,7 +106,7 @@ def upgrade(target: str | URL | Database) -> UpgradeResult:
     Parameters
     ----------
     target
-        A SQLAlchemy URL, or an open :class:`~ldct_node.db.Database` (its engine is
+        A SQLAlchemy URL, or an open :class:`~ldct_node.store.Database` (its engine is
         used and stays open).
 
     Raises
@@ -116,7 +116,7 @@ def upgrade(target: str | URL | Database) -> UpgradeResult:
     """
     db = target if isinstance(target, Database) else Database(target)
     try:
-        with db.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (see ldct_node.db)
+        with db.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (see ldct_node.store)
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
             before = current_revision(conn)

@@ -12,7 +12,7 @@ instance** (same SOP class, same frames in the same order), not as classic CT sl
 * one source instance maps to one derived instance, so the deterministic UIDs, the
   loop guard and the DB's per-instance bookkeeping work unchanged.
 
-What changes in the derived instance, beyond what :func:`ldct_node.derive.derive_instance`
+What changes in the derived instance, beyond what :func:`ldct_node.dicom.derive.derive_instance`
 does for every instance: ImageType and each FrameType become ``DERIVED`` with the
 derived pixel contrast ``FILTERED`` (value 2 stays ``PRIMARY``: the Enhanced CT IOD allows
 nothing else there), each frame gets a Derivation Image functional group that references
@@ -28,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from ldct_node.dicomio import MAX_SLICE_PIXELS, InputError, _ensure_transfer_syntax, stored_range
+from ldct_node.dicom.io import MAX_SLICE_PIXELS, InputError, _ensure_transfer_syntax, stored_range
 
 logger = logging.getLogger(__name__)
 

@@ -28,22 +28,22 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ldct_node import monitoring
 from ldct_node.config import DicomSettings, OutputProfile, Settings
-from ldct_node.db import Database, JobInfo, JobState, TransitionError
-from ldct_node.derive import derive_instance, derived_series_uid, write_derived
-from ldct_node.dicomio import (
+from ldct_node.dicom.derive import derive_instance, derived_series_uid, write_derived
+from ldct_node.dicom.enhanced import decode_frames_hu, is_multiframe
+from ldct_node.dicom.io import (
     MAX_SLICE_PIXELS,
     InputError,
     decode_hu,
     pixel_spacing_mm,
     read_instance,
 )
-from ldct_node.enhanced import decode_frames_hu, is_multiframe
 from ldct_node.model.cascade import Cascade, blend_with_input
 from ldct_node.model.fidelity import restore_low_frequency
-from ldct_node.routing import destinations_for
-from ldct_node.spool import BYTES_PER_GB, Spool
+from ldct_node.service import monitoring
+from ldct_node.service.routing import destinations_for
+from ldct_node.service.spool import BYTES_PER_GB, Spool
+from ldct_node.store import Database, JobInfo, JobState, TransitionError
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def run_cascade(
 
     Raises
     ------
-    ldct_node.dicomio.InputError
+    ldct_node.dicom.io.InputError
         When an instance cannot be decoded.
     """
     if not datasets:
@@ -316,7 +316,7 @@ def denoise_series(
     datasets
         Full datasets (with pixel data) of one series, in slice order. Multi-frame
         (Enhanced CT) instances are denoised frame by frame and written back as one
-        Enhanced CT instance each (see :mod:`ldct_node.enhanced`).
+        Enhanced CT instance each (see :mod:`ldct_node.dicom.enhanced`).
     cascade
         The loaded networks.
     profiles
@@ -330,7 +330,7 @@ def denoise_series(
 
     Raises
     ------
-    ldct_node.dicomio.InputError
+    ldct_node.dicom.io.InputError
         When a slice cannot be decoded; nothing is written for the series then.
     """
     with DerivedWriter(datasets, profiles, dicom, output_root, cascade.model_version) as writer:
@@ -483,7 +483,7 @@ class Worker:
     One job at a time: claim (``queued -> running``), read the series' instances from
     the spool, run the cascade once for the job's output profile, write the derived
     series below ``<spool>/derived/job-<id>/``, then
-    :meth:`~ldct_node.db.Database.finish_processing` (``forwarding``, or ``done``
+    :meth:`~ldct_node.store.Database.finish_processing` (``forwarding``, or ``done``
     without destinations). Instances that cannot be read or decoded fail the job with
     a reason a person can act on; the loop goes on with the next job.
 

@@ -39,8 +39,13 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
 from ldct_node import __version__
 from ldct_node.config import DicomSettings, OutputProfile
-from ldct_node.dicomio import NODE_NAME, encode_like, file_meta_for, save_durably, stored_range
-from ldct_node.enhanced import derived_type, encode_frames_like, is_multiframe, mark_frames_derived
+from ldct_node.dicom.enhanced import (
+    derived_type,
+    encode_frames_like,
+    is_multiframe,
+    mark_frames_derived,
+)
+from ldct_node.dicom.io import NODE_NAME, encode_like, file_meta_for, save_durably, stored_range
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +321,7 @@ def derive_instance(
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
         if not source.get(keyword):
             raise ValueError(f"source: missing {keyword}")
-    # Enhanced CT: frame by frame, written back as one Enhanced CT (see ldct_node.enhanced).
+    # Enhanced CT: frame by frame, written back as one Enhanced CT (see ldct_node.dicom.enhanced).
     multiframe = is_multiframe(source)
     if not model_version:
         raise ValueError("model_version: must not be empty")

@@ -83,7 +83,7 @@ def find_cases(data_dir: Path) -> list[PairedCase]:
 
 def load_series_hu(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """HU stack and slice positions of the single series in ``folder``."""
-    from ldct_node.dicomio import (
+    from ldct_node.dicom.io import (
         decode_hu,
         read_instance,
         scan_inputs,

@@ -144,8 +144,8 @@ def check_destination(settings: Settings, dest: Destination) -> Check:
     """What sending to ``dest`` needs from this machine: its TLS files load, its password
     can be read (the password itself is never shown). The peer is not contacted: that
     is ``ldct-node echo``."""
-    from ldct_node.dicomweb import read_password
-    from ldct_node.forward import client_tls_context
+    from ldct_node.service.dicomweb import read_password
+    from ldct_node.service.forward import client_tls_context
 
     name = f"destination {dest.name}"
     resolved = dest.with_paths_resolved(settings.base_dir)

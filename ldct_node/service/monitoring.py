@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ldct_node.config import Settings
-from ldct_node.db import Database
+from ldct_node.store import Database
 
 logger = logging.getLogger(__name__)
 
