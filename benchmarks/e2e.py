@@ -54,8 +54,8 @@ def stage_times(
     from ldct_node.dicom.derive import derive_instance, write_derived
     from ldct_node.dicom.io import decode_hu, read_instance
     from ldct_node.model.cascade import Cascade
+    from ldct_node.pipeline import denoise_series
     from ldct_node.service.forward import send_series
-    from ldct_node.service.worker import denoise_series
 
     cascade = Cascade.load(BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`ldct-node ...`: the command line (DESIGN section 2).
+"""`ldct-node ...`: the command line (README, "Commands").
 
 Exit status: 0 success, 1 failure, 2 bad usage or config. Errors are one line on
 stderr; ``--debug`` (before the command) adds the traceback and DEBUG logging.

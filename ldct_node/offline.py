@@ -1,9 +1,9 @@
 """Offline denoising of DICOM files: ``ldct-node denoise INPUT... --output DIR``.
 
-Same rules as the node (DESIGN section 5) but no network and no database: inputs are
-grouped by series, sorted by position, denoised, and one derived series per input
-series is written below the output folder. A series that fails (corrupt pixels, not
-CT, nothing processable) is reported and the others go on.
+Same derived-series rules as the node (:mod:`ldct_node.dicom.derive`) but no network
+and no database: inputs are grouped by series, sorted by position, denoised, and one
+derived series per input series is written below the output folder. A series that
+fails (corrupt pixels, not CT, nothing processable) is reported and the others go on.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pydicom
 from rich.progress import Progress
 
 from ldct_node.config import Settings
-from ldct_node.dicom.enhanced import n_frames
-from ldct_node.dicom.io import InputError, processing_skip_reason, read_instance, scan_inputs
+from ldct_node.dicom.io import processing_skip_reason, read_instance, scan_inputs
+from ldct_node.dicom.values import InputError, n_frames
 from ldct_node.model.cascade import Cascade
-from ldct_node.service.worker import denoise_series
+from ldct_node.pipeline import denoise_series
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from conftest import run_cli
 from ldct_node.config import OutputProfile
 from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.service.worker import profile_image
+from ldct_node.pipeline import profile_image
 
 
 def _derived_files(out: Path) -> dict[str, list[Path]]:

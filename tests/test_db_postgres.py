@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ldct_node.service.worker import is_dead_local_worker
+from ldct_node.service.identity import is_dead_local_worker
 from ldct_node.store import Database, JobState, ReceivedInstance, TransitionError
 from ldct_node.store.migrate import upgrade
 

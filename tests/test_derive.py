@@ -1,4 +1,4 @@
-"""The derived-series factory: every rule of DESIGN section 5, one test each."""
+"""The derived-series factory: every rule of ldct_node.dicom.derive, one test each."""
 
 from __future__ import annotations
 

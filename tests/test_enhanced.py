@@ -16,7 +16,7 @@ from ldct_node.dicom.derive import derived_series_uid
 from ldct_node.dicom.enhanced import decode_frames_hu, encode_frames_like, frame_rescales
 from ldct_node.dicom.io import InputError, is_own_output
 from ldct_node.model.cascade import Cascade
-from ldct_node.service.worker import denoise_series, profile_image
+from ldct_node.pipeline import denoise_series, profile_image
 
 
 @pytest.fixture

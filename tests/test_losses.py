@@ -13,6 +13,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from _vgg_util import random_vgg_like_extractor
 
 from ldct_node.lab.losses import (
     VGG_CAFFE_MEANS_BGR,
@@ -22,7 +23,6 @@ from ldct_node.lab.losses import (
     make_perceptual_mse_loss,
     mse,
     perceptual_distance,
-    random_vgg_like_extractor,
     vgg_preprocess,
 )
 from ldct_node.model.networks import build_drl_perceptual

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _vgg_util import random_vgg_like_extractor
 from conftest import BUNDLED_WEIGHTS, run_cli
 from test_train import _paired_data
 
-from ldct_node.lab.losses import random_vgg_like_extractor
 from ldct_node.lab.train import METHODS, TrainOptions, train
 from ldct_node.model.cascade import Cascade, WeightsError, hu_to_model, model_to_hu
 from ldct_node.model.networks import NETWORK_BUILDERS

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _dicom_util import make_ct_series, make_ct_volume
+from _vgg_util import random_vgg_like_extractor
 
 from ldct_node.lab.data import DataError, extract_patches, find_cases, load_case
-from ldct_node.lab.losses import random_vgg_like_extractor
 from ldct_node.lab.train import TrainOptions, train
 from ldct_node.model.cascade import Cascade
 

@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from ldct_node.config import Settings
 from ldct_node.dicom.io import InputError, decode_hu
 from ldct_node.model.cascade import Cascade
+from ldct_node.pipeline import profile_image, run_cascade
 from ldct_node.service.forward import Forwarder
 from ldct_node.service.scheduler import (
     NodeScheduler,
@@ -25,7 +26,7 @@ from ldct_node.service.scheduler import (
     stability_interval,
 )
 from ldct_node.service.spool import Spool
-from ldct_node.service.worker import Worker, profile_image, run_cascade
+from ldct_node.service.worker import Worker
 from ldct_node.store import Database, JobState, ReceivedInstance
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 4242}

@@ -1,5 +1,5 @@
 """Derived DICOM instances: one factory that turns a source CT instance plus denoised HU
-into the instance the node sends back (DESIGN section 5).
+into the instance the node sends back (README, "Connect to your PACS").
 
 Decisions worth knowing:
 
@@ -46,6 +46,7 @@ from ldct_node.dicom.enhanced import (
     mark_frames_derived,
 )
 from ldct_node.dicom.io import NODE_NAME, encode_like, file_meta_for, save_durably, stored_range
+from ldct_node.dicom.values import strings
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +175,6 @@ def _copy_public(source: Dataset, *, top_level: bool = True) -> Dataset:
     return out
 
 
-def _as_list(value: object) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    try:
-        return [str(v) for v in value]  # type: ignore[attr-defined]
-    except TypeError:
-        return [str(value)]
-
-
 def _fit(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "~"
 
@@ -239,7 +229,7 @@ def _lossy_history(source: Dataset, out: Dataset) -> None:
     method = _LOSSY_SYNTAXES.get(syntax)
     if method is not None and out.get("LossyImageCompression") != "01":
         out.LossyImageCompression = "01"
-        methods = _as_list(out.get("LossyImageCompressionMethod"))
+        methods = strings(out.get("LossyImageCompressionMethod"))
         if method not in methods:
             out.LossyImageCompressionMethod = [*methods, method]
 
@@ -258,7 +248,7 @@ def _charset_for_new_text(out: Dataset) -> None:
     ]
     if all(t.isascii() for t in texts):
         return
-    charset = _as_list(out.get("SpecificCharacterSet"))
+    charset = strings(out.get("SpecificCharacterSet"))
     if not charset or charset == ["ISO_IR 6"]:
         out.SpecificCharacterSet = "ISO_IR 192"
 
@@ -284,7 +274,7 @@ def derive_instance(
     algorithm: str = DEFAULT_ALGORITHM,
     now: datetime | None = None,
 ) -> Dataset:
-    """The derived instance for ``source`` carrying ``denoised_hu`` (DESIGN section 5).
+    """The derived instance for ``source`` carrying ``denoised_hu`` (the rules above).
 
     Parameters
     ----------
@@ -349,7 +339,7 @@ def derive_instance(
     out.ContentTime = time
 
     # ImageType: DERIVED\SECONDARY, later values (AXIAL, vendor values) kept.
-    image_type = _as_list(source.get("ImageType"))
+    image_type = strings(source.get("ImageType"))
     out.ImageType = (
         derived_type(image_type) if multiframe else ["DERIVED", "SECONDARY", *image_type[2:]]
     )

@@ -28,20 +28,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from ldct_node.dicom.io import MAX_SLICE_PIXELS, InputError, _ensure_transfer_syntax, stored_range
+from ldct_node.dicom.io import _ensure_transfer_syntax, stored_range
+from ldct_node.dicom.pixels import slice_shape
+from ldct_node.dicom.values import InputError, n_frames, rescale_pair, strings
 
 logger = logging.getLogger(__name__)
 
 #: ImageType / FrameType value 4 (Derived Pixel Contrast) of the derived frames.
 DERIVED_PIXEL_CONTRAST = "FILTERED"
-
-
-def n_frames(ds: Dataset) -> int:
-    """NumberOfFrames of ``ds`` (1 when absent or unreadable)."""
-    try:
-        return max(int(ds.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
 
 
 def is_multiframe(ds: Dataset) -> bool:
@@ -81,17 +75,9 @@ def frame_rescales(ds: Dataset) -> np.ndarray:
     result = np.empty((len(per_frame), 2), dtype=np.float64)
     for i, groups in enumerate(per_frame):
         item = _group_item(groups, "PixelValueTransformationSequence") or shared_item or ds
-        raw_slope, raw_intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
-        try:
-            slope = 1.0 if raw_slope in (None, "") else float(raw_slope)
-            intercept = 0.0 if raw_intercept in (None, "") else float(raw_intercept)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"frame {i + 1}: unreadable rescale ({exc})") from exc
-        if slope == 0.0 or not np.isfinite(slope) or not np.isfinite(intercept):
-            raise InputError(
-                f"frame {i + 1}: unusable rescale slope {slope}, intercept {intercept}"
-            )
-        result[i] = slope, intercept
+        result[i] = rescale_pair(
+            item.get("RescaleSlope"), item.get("RescaleIntercept"), f"frame {i + 1}: "
+        )
     return result
 
 
@@ -105,20 +91,7 @@ def decode_frames_hu(ds: Dataset) -> np.ndarray:
         decoded or does not match Rows x Columns x NumberOfFrames, or an unusable rescale.
     """
     uid = ds.get("SOPInstanceUID", "?")
-    if "PixelData" not in ds:
-        raise InputError(f"instance {uid} has no pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InputError(f"instance {uid}: {ds.SamplesPerPixel} samples per pixel, expected 1")
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise InputError(f"instance {uid}: missing or invalid Rows/Columns") from exc
-    # The single-frame limit, per frame: one frame is one slice for the networks.
-    if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
-        raise InputError(
-            f"instance {uid}: frames of {rows}x{cols} pixels are not CT slices this node "
-            f"takes (1 to {MAX_SLICE_PIXELS} pixels per frame)"
-        )
+    rows, cols = slice_shape(ds, per_frame=True)
     frames = n_frames(ds)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         # Frames without functional groups have no per-frame geometry or rescale.
@@ -187,14 +160,6 @@ def derived_type(values: list[str]) -> list[str]:
     return ["DERIVED", "PRIMARY", flavor, DERIVED_PIXEL_CONTRAST, *values[4:]]
 
 
-def _as_strings(value: object) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]  # type: ignore[attr-defined]
-
-
 def mark_frames_derived(
     out: Dataset,
     source: Dataset,
@@ -214,7 +179,7 @@ def mark_frames_derived(
     for groups in [shared, *per_frame]:
         item = _group_item(groups, "CTImageFrameTypeSequence")
         if item is not None and "FrameType" in item:
-            item.FrameType = derived_type(_as_strings(item.FrameType))
+            item.FrameType = derived_type(strings(item.FrameType))
     if shared is not None and "DerivationImageSequence" in shared:
         del shared.DerivationImageSequence
     frames_seq = out.get("PerFrameFunctionalGroupsSequence")
@@ -224,9 +189,7 @@ def mark_frames_derived(
     while len(frames_seq) < len(per_frame):
         frames_seq.append(Dataset())
     for number, groups in enumerate(frames_seq[: len(per_frame)], start=1):
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = source.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        reference = _sop_reference(source)
         reference.ReferencedFrameNumber = number
         reference.PurposeOfReferenceCodeSequence = Sequence([_copy(purpose_code)])
         reference.SpatialLocationsPreserved = "YES"
@@ -236,12 +199,9 @@ def mark_frames_derived(
         derivation.SourceImageSequence = Sequence([reference])
         groups.DerivationImageSequence = Sequence([derivation])
 
-    instance = Dataset()
-    instance.ReferencedSOPClassUID = source.SOPClassUID
-    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
     series = Dataset()
     series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedInstanceSequence = Sequence([instance])
+    series.ReferencedInstanceSequence = Sequence([_sop_reference(source)])
     others = [
         item
         for item in out.get("ReferencedSeriesSequence", None) or []
@@ -250,16 +210,21 @@ def mark_frames_derived(
     out.ReferencedSeriesSequence = Sequence([*others, series])
 
     # Every instance the frames' Source Image Sequences refer to (hierarchical).
-    sop = Dataset()
-    sop.ReferencedSOPClassUID = source.SOPClassUID
-    sop.ReferencedSOPInstanceUID = source.SOPInstanceUID
     evidence_series = Dataset()
     evidence_series.SeriesInstanceUID = source.SeriesInstanceUID
-    evidence_series.ReferencedSOPSequence = Sequence([sop])
+    evidence_series.ReferencedSOPSequence = Sequence([_sop_reference(source)])
     evidence = Dataset()
     evidence.StudyInstanceUID = source.get("StudyInstanceUID", "")
     evidence.ReferencedSeriesSequence = Sequence([evidence_series])
     out.SourceImageEvidenceSequence = Sequence([evidence])
+
+
+def _sop_reference(source: Dataset) -> Dataset:
+    """A new item referencing ``source`` by SOP Class and SOP Instance UID."""
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return reference
 
 
 def _copy(item: Dataset) -> Dataset:

@@ -15,12 +15,10 @@ Reading
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,9 @@ from pydicom.valuerep import format_number_as_ds
 
 from ldct_node import __version__
 from ldct_node.config import CT_IMAGE_STORAGE, SeriesSettings
+from ldct_node.dicom.pixels import slice_shape
+from ldct_node.dicom.values import InputError, n_frames, rescale_pair
+from ldct_node.fsutil import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ NODE_NAME = "ldct-node"
 # air (-1000 HU) is stored near 0 and the whole int16 range maps to usable HU.
 _WRITE_INTERCEPT = -1024.0
 _WRITE_SLOPE = 1.0
-#: Largest slice decoded (4096 x 4096): bounds the memory a hostile or broken header
-#: (say Rows = Columns = 65535) can make the decoder allocate before it fails.
-MAX_SLICE_PIXELS = 4096 * 4096
-
-
-class InputError(ValueError):
-    """An input instance whose pixel data cannot be used (corrupt, undecodable, wrong size)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -90,26 +84,12 @@ def save_durably(ds: Dataset, path: Path) -> Path:
     renamed over ``path``, so a crash never leaves a half-written instance under the final
     name. The folder is fsynced too so the rename itself survives a power loss.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):  # not every platform/filesystem allows this
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
+    return write_atomic(
+        Path(path),
+        lambda fh: ds.save_as(fh, enforce_file_format=True),
+        suffix=".dcm",
+        make_dir=lambda folder: folder.mkdir(parents=True, exist_ok=True),
+    )
 
 
 def _ds(value: float) -> str:
@@ -290,11 +270,7 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
             "instance %s has no RescaleSlope/RescaleIntercept; assuming slope 1, intercept 0",
             ds.get("SOPInstanceUID", "?"),
         )
-    slope_f = 1.0 if slope is None or slope == "" else float(slope)
-    intercept_f = 0.0 if intercept is None or intercept == "" else float(intercept)
-    if slope_f == 0.0 or not np.isfinite(slope_f) or not np.isfinite(intercept_f):
-        raise InputError(f"unusable rescale: slope {slope_f}, intercept {intercept_f}")
-    return slope_f, intercept_f
+    return rescale_pair(slope, intercept)
 
 
 def stored_range(ds: Dataset) -> tuple[int, int]:
@@ -314,13 +290,6 @@ def _stored_dtype(ds: Dataset) -> np.dtype:
     if allocated not in kinds:
         raise InputError(f"unsupported BitsAllocated {allocated}")
     return np.dtype(kinds[allocated][0 if signed else 1])
-
-
-def _n_frames(ds: Dataset) -> int:
-    try:
-        return int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        return 1
 
 
 def _ensure_transfer_syntax(ds: Dataset) -> UID:
@@ -376,22 +345,12 @@ def _decode_hu(ds: Dataset) -> np.ndarray:
     uid = ds.get("SOPInstanceUID", "?")
     if "PixelData" not in ds or not ds.PixelData:  # absent, or present and empty
         raise InputError(f"instance {uid} has no pixel data")
-    if _n_frames(ds) > 1:
+    if n_frames(ds) > 1:
         raise InputError(
-            f"instance {uid}: multi-frame images ({_n_frames(ds)} frames, e.g. Enhanced CT) "
+            f"instance {uid}: multi-frame images ({n_frames(ds)} frames, e.g. Enhanced CT) "
             "are not supported yet"
         )
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InputError(f"instance {uid}: {ds.SamplesPerPixel} samples per pixel, expected 1")
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise InputError(f"instance {uid}: missing or invalid Rows/Columns") from exc
-    if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
-        raise InputError(
-            f"instance {uid}: {rows}x{cols} pixels is not a CT slice this node takes "
-            f"(1 to {MAX_SLICE_PIXELS} pixels)"
-        )
+    rows, cols = slice_shape(ds)
     syntax = _ensure_transfer_syntax(ds)
     if not syntax.is_encapsulated:
         # pydicom tolerates excess native pixel data (it warns and trims); a header that

@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ldct_node.fsutil import write_text_atomic
 from ldct_node.lab import metrics as m
 from ldct_node.lab.data import DataError, PairedCase, load_case, load_series_hu
 
@@ -779,10 +779,7 @@ def record_in_manifest(
         "goals": summary["goals"],
     }
     manifest[key] = _finite(entry)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        json.dumps(manifest, indent=2, allow_nan=False, default=_json_default) + "\n",
-        encoding="utf-8",
+    write_text_atomic(
+        path, json.dumps(manifest, indent=2, allow_nan=False, default=_json_default) + "\n"
     )
-    os.replace(tmp, path)
     return dict(manifest[key])

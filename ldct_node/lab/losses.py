@@ -1,4 +1,4 @@
-"""Losses for the cascade: MSE and the VGG16 perceptual loss (DESIGN section 6).
+"""Losses for the cascade: MSE and the VGG16 perceptual loss.
 
 Images are in the model range ``m = (HU + 1024) / 4096`` (HU -1024..3072 -> 0..1),
 shaped ``(batch, height, width, 1)``. The perceptual term compares VGG16 ImageNet
@@ -146,47 +146,6 @@ def load_vgg_extractor(weights: str | os.PathLike[str] = "imagenet") -> keras.Mo
     return _frozen_feature_model(base, "vgg16_features")
 
 
-def random_vgg_like_extractor(seed: int = 0, width: int = 8) -> keras.Model:
-    """A small VGG16-shaped extractor with random weights, FOR TESTS ONLY.
-
-    Four blocks like VGG16's first four (2, 2, 3, 3 convolutions of ``width``,
-    ``2 width``, ``4 width``, ``8 width`` channels, ReLU, 2x max pooling between blocks),
-    with the same layer names, so code written for :func:`load_vgg_extractor` works on a
-    machine without the VGG16 weights. Its features mean nothing perceptually; never use
-    it for training.
-
-    Parameters
-    ----------
-    seed
-        Seed of the weight initialisers; the same seed gives the same weights.
-    width
-        Channels of block 1.
-    """
-    if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
-    blocks = ((1, 2, width), (2, 2, 2 * width), (3, 3, 4 * width), (4, 3, 8 * width))
-    image = keras.Input(shape=(None, None, 3), name="input_layer")
-    x = image
-    layer_seed = seed
-    for block, n_conv, filters in blocks:
-        if block > 1:
-            x = keras.layers.MaxPooling2D(2, name=f"block{block - 1}_pool")(x)
-        for conv in range(1, n_conv + 1):
-            layer_seed += 1
-            x = keras.layers.Conv2D(
-                filters,
-                3,
-                padding="same",
-                activation="relu",
-                kernel_initializer=keras.initializers.HeNormal(seed=layer_seed),
-                # Small positive biases keep ReLUs alive on the centred inputs.
-                bias_initializer=keras.initializers.RandomUniform(0.0, 0.1, seed=-layer_seed),
-                name=f"block{block}_conv{conv}",
-            )(x)
-    base = keras.Model(image, x, name="random_vgg_like")
-    return _frozen_feature_model(base, "random_vgg_like_features")
-
-
 def _check_extractor(extractor: Any) -> None:
     if not isinstance(extractor, keras.Model):
         raise TypeError(f"extractor must be a keras.Model, got {type(extractor).__name__}")
@@ -210,7 +169,7 @@ def perceptual_distance(extractor: keras.Model, a: Any, b: Any) -> Any:
     Parameters
     ----------
     extractor
-        Model from :func:`load_vgg_extractor` or :func:`random_vgg_like_extractor`.
+        Model from :func:`load_vgg_extractor` (or any feature model of that shape).
     a, b
         ``(batch, height, width, 1)`` tensors in the model range, height and width >= 8.
 

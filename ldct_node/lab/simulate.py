@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing, contextmanager
@@ -45,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldct_node.dicom import io as dicomio
+from ldct_node.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1929,9 +1929,7 @@ def simulate_dataset(
             case_dirs.append(case_dir)
 
     manifest = {**params, "cases": case_records, "complete": True}
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %d case(s) to %s", len(case_dirs), out)
     return case_dirs
 

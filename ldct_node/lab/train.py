@@ -1,4 +1,4 @@
-"""The two-stage trainer (DESIGN section 6), and the paper's comparison methods.
+"""The two-stage trainer (README, "Retrain the weights"), and the paper's comparison methods.
 
 Stage 1: the perceptual DRL learns LDCT -> NDCT with MSE + 0.1 x VGG16 perceptual loss.
 Stage 2: the difference DRL learns, with MSE, to predict ``Y_hat - Y`` from ``Y_hat``
@@ -21,7 +21,6 @@ import datetime as dt
 import importlib.util
 import json
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ldct_node import __version__
+from ldct_node.fsutil import replace_durably, write_text_atomic
 from ldct_node.lab.data import (
     PatchSet,
     extract_patches,
@@ -175,16 +175,10 @@ class TrainOptions:
             )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_weights_atomic(model: Any, path: Path) -> None:
     tmp = path.with_name(path.stem.removesuffix(".weights") + ".tmp.weights.h5")
     model.save_weights(str(tmp))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def load_patches(opts: TrainOptions) -> PatchSet:
@@ -234,7 +228,7 @@ def _checkpoint_callback(stage: int, ckpt_dir: Path) -> Any:
     class Checkpoint(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             _save_weights_atomic(self.model, ckpt_dir / f"stage{stage}.weights.h5")
-            _atomic_write_text(
+            write_text_atomic(
                 ckpt_dir / STATE_FILE, json.dumps({"stage": stage, "epochs_done": epoch + 1})
             )
 
@@ -672,7 +666,7 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
                 )
                 if k < n_stages:
                     _save_weights_atomic(net, ckpt_dir / f"stage{k}.weights.h5")
-                    _atomic_write_text(
+                    write_text_atomic(
                         ckpt_dir / STATE_FILE, json.dumps({"stage": k + 1, "epochs_done": 0})
                     )
                     state = {"stage": k + 1, "epochs_done": 0}
@@ -724,7 +718,7 @@ def _train_stages(opts: TrainOptions, *, vgg_extractor: Any | None = None) -> di
         }
     manifest = write_manifest(opts, patches, metrics, history, extra_data=extra)
     last_epochs = _stage_epochs(stages[-1], opts)
-    _atomic_write_text(
+    write_text_atomic(
         ckpt_dir / STATE_FILE,
         json.dumps({"stage": n_stages + 1, "epochs_done": max(last_epochs, state["epochs_done"])}),
     )
@@ -800,7 +794,7 @@ def write_manifest(
             "python": platform.python_version(),
         },
     }
-    _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %s (model version %s)", out / MANIFEST_NAME, version)
     return manifest
 

@@ -48,8 +48,8 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from ldct_node.config import CT_IMAGE_STORAGE, Destination, Settings
 from ldct_node.service import monitoring
+from ldct_node.service.identity import default_worker_id
 from ldct_node.service.netguard import set_nodelay
-from ldct_node.service.worker import default_worker_id
 from ldct_node.store import Database, ForwardInfo, JobState
 
 logger = logging.getLogger(__name__)

@@ -42,12 +42,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ldct_node.config import Settings
 from ldct_node.model.cascade import Cascade
 from ldct_node.service.forward import Forwarder
+from ldct_node.service.identity import default_worker_id, is_dead_local_worker
 from ldct_node.service.monitoring import MetricsServer, start_metrics_server
 from ldct_node.service.preflight import start_checks
 from ldct_node.service.receive import start_receiver, stop_receiver
 from ldct_node.service.scheduler import DUTIES, NodeScheduler
 from ldct_node.service.spool import Spool
-from ldct_node.service.worker import Worker, default_worker_id, is_dead_local_worker
+from ldct_node.service.worker import Worker
 from ldct_node.store import Database, open_database
 from ldct_node.store.migrate import UpgradeResult, upgrade
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from ldct_node.config import OutputProfile, Settings
+from ldct_node.dicom.values import strings
 
 
 def _norm(text: str) -> str:
@@ -39,20 +40,9 @@ def _glob_any(patterns: Sequence[str], values: Sequence[str]) -> bool:
     )
 
 
-def _strings(value: object) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    try:
-        return [str(v) for v in value]  # type: ignore[attr-defined]
-    except TypeError:
-        return [str(value)]
-
-
 def convolution_kernels(ds: Dataset) -> list[str]:
     """The ConvolutionKernel value(s) of an instance (classic or Enhanced CT); may be empty."""
-    direct = _strings(ds.get("ConvolutionKernel"))
+    direct = strings(ds.get("ConvolutionKernel"))
     if direct:
         return direct
     for groups_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -61,7 +51,7 @@ def convolution_kernels(ds: Dataset) -> list[str]:
             continue
         recon = groups[0].get("CTReconstructionSequence")
         if recon:
-            kernels = _strings(recon[0].get("ConvolutionKernel"))
+            kernels = strings(recon[0].get("ConvolutionKernel"))
             if kernels:
                 return kernels
     return []

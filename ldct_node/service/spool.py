@@ -19,17 +19,16 @@ startup.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+
+from ldct_node.fsutil import Content, fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ BYTES_PER_GB = 1_000_000_000  # min_free_gb is in decimal gigabytes, as disks ar
 _SAFE_NAME = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,63}$")
 
 #: Either the complete bytes of a file or a callback that writes them to a binary file.
-Content = bytes | bytearray | memoryview | Callable[[BinaryIO], None]
 
 
 def safe_name(uid: str) -> str:
@@ -59,16 +57,6 @@ def safe_name(uid: str) -> str:
     if _SAFE_NAME.match(cleaned):
         return cleaned
     return "x" + hashlib.sha256(cleaned.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename or a new directory entry durable; some filesystems refuse it.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
@@ -106,10 +94,6 @@ class Spool:
         """Final path of a received instance (does not create anything)."""
         series = safe_name(series_instance_uid)
         return self.incoming / series / f"{safe_name(sop_instance_uid)}.dcm"
-
-    def series_dir(self, series_instance_uid: str) -> Path:
-        """Directory holding the received instances of one series."""
-        return self.incoming / safe_name(series_instance_uid)
 
     def derived_dir(self, name: str) -> Path:
         """Directory for one derived series (e.g. ``job-12``), created 0700 if missing."""
@@ -168,31 +152,15 @@ class Spool:
             final = self.root / final
         if not self.contains(final):
             raise ValueError(f"final: {final} is outside the spool {self.root}")
-        if not (callable(data) or isinstance(data, bytes | bytearray | memoryview)):
-            raise TypeError(f"data: expected bytes or a callable, got {type(data).__name__}")
-        self._make_dir(final.parent)
-        fd, tmp_name = tempfile.mkstemp(prefix="w-", suffix=".part", dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if callable(data):
-                    data(fh)
-                else:
-                    fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp_name, FILE_MODE)  # mkstemp gives 0600 already; be explicit
-            try:
-                os.replace(tmp_name, final)
-            except FileNotFoundError:
-                # A concurrent purge removed the (then empty) directory: make it again.
-                self._make_dir(final.parent)
-                os.replace(tmp_name, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
-        _fsync_dir(final.parent)
-        return final
+        return write_atomic(
+            final,
+            data,
+            tmp_dir=self.tmp,
+            prefix="w-",
+            suffix=".part",
+            mode=FILE_MODE,
+            make_dir=self._make_dir,
+        )
 
     def _make_dir(self, path: Path) -> None:
         """mkdir -p with mode 0700, fsyncing each parent that got a new entry."""
@@ -209,7 +177,7 @@ class Spool:
             except FileExistsError:
                 continue  # a concurrent writer made it
             os.chmod(directory, DIR_MODE)  # mkdir's mode is filtered by the umask
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
 
     # -- space --------------------------------------------------------------------------
     def free_bytes(self) -> int:
