@@ -685,7 +685,7 @@ def serve(
     with _errors():
         from sqlalchemy.engine import make_url
 
-        from ldct_node.model.cascade import WeightsError
+        from ldct_node.model.manifest import WeightsError
         from ldct_node.service.node import ROLES, Node, NodeStartError
 
         if role not in ROLES:

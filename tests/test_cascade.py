@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 from conftest import BUNDLED_WEIGHTS
 
-from ldct_node.model.cascade import (
-    HU_MIN,
-    HU_RANGE,
-    Cascade,
-    WeightsError,
-    blend_with_input,
-    hu_to_model,
-    model_to_hu,
-)
+from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.model.manifest import WeightsError
+from ldct_node.model.scaling import HU_MIN, HU_RANGE, hu_to_model, model_to_hu
 
 
 def test_hu_model_range_round_trip() -> None:

@@ -12,8 +12,10 @@ from conftest import BUNDLED_WEIGHTS, run_cli
 from test_train import _paired_data
 
 from ldct_node.lab.train import METHODS, TrainOptions, train
-from ldct_node.model.cascade import Cascade, WeightsError, hu_to_model, model_to_hu
+from ldct_node.model.cascade import Cascade
+from ldct_node.model.manifest import WeightsError
 from ldct_node.model.networks import NETWORK_BUILDERS
+from ldct_node.model.scaling import hu_to_model, model_to_hu
 
 
 @pytest.fixture(scope="module")

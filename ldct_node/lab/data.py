@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldct_node.model.cascade import hu_to_model
+from ldct_node.model.scaling import hu_to_model
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ldct_node.fsutil import write_text_atomic
 from ldct_node.lab import metrics as m
 from ldct_node.lab.data import DataError, PairedCase, load_case, load_series_hu
+from ldct_node.model.manifest import read_raw, write_raw
 
 logger = logging.getLogger(__name__)
 
@@ -757,10 +757,7 @@ def record_in_manifest(
     dict
         The ``"evaluation"`` entry written.
     """
-    from ldct_node.model.cascade import MANIFEST_NAME
-
-    path = weights_dir / MANIFEST_NAME
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_raw(weights_dir)
     mine = [
         name
         for name, method in summary.get("method_info", {}).items()
@@ -779,7 +776,5 @@ def record_in_manifest(
         "goals": summary["goals"],
     }
     manifest[key] = _finite(entry)
-    write_text_atomic(
-        path, json.dumps(manifest, indent=2, allow_nan=False, default=_json_default) + "\n"
-    )
+    write_raw(weights_dir, manifest, allow_nan=False, default=_json_default)
     return dict(manifest[key])

@@ -38,14 +38,14 @@ from ldct_node.lab.data import (
     split_cases,
 )
 from ldct_node.lab.metrics import rmse
-from ldct_node.model.cascade import (
-    HU_MIN,
-    HU_RANGE,
+from ldct_node.model.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    model_to_hu,
+    read_raw,
     sha256_file,
+    write_raw,
 )
+from ldct_node.model.scaling import HU_MIN, HU_RANGE, model_to_hu
 
 logger = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def _reusable_stages(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> list[
     path = opts.reuse_from / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --reuse-from needs a trained weights folder")
-    other = json.loads(path.read_text(encoding="utf-8"))
+    other = read_raw(opts.reuse_from)
     mine = {k: v for k, v in _recipe(opts).items() if k not in _NOT_RECIPE}
     theirs = {
         k: v
@@ -486,7 +486,7 @@ def _initial_weights(opts: TrainOptions, stages: tuple[StageSpec, ...]) -> dict[
     path = opts.init_from / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: --init-from needs a trained weights folder")
-    other = json.loads(path.read_text(encoding="utf-8"))
+    other = read_raw(opts.init_from)
     found: dict[int, Path] = {}
     for k, spec in enumerate(stages, start=1):
         net = other.get("networks", {}).get(spec.role)
@@ -794,7 +794,7 @@ def write_manifest(
             "python": platform.python_version(),
         },
     }
-    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    write_raw(out, manifest)
     logger.info("wrote %s (model version %s)", out / MANIFEST_NAME, version)
     return manifest
 

@@ -128,7 +128,7 @@ class Node:
 
         Raises
         ------
-        ldct_node.model.cascade.WeightsError
+        ldct_node.model.manifest.WeightsError
             When the weights cannot be loaded (nothing is listening then).
         NodeStartError
             When the port cannot be bound.

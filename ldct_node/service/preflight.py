@@ -120,7 +120,8 @@ def check_port(name: str, host: str, port: int, key: str) -> Check:
 def check_weights(settings: Settings, *, load: bool) -> Check:
     """The manifest and its files; with ``load`` the networks are built and loaded too
     (sha256 and parameter counts checked, as ``serve`` does)."""
-    from ldct_node.model.cascade import Cascade, Manifest, WeightsError, sha256_file
+    from ldct_node.model.cascade import Cascade
+    from ldct_node.model.manifest import Manifest, WeightsError, sha256_file
 
     path = settings.weights_path
     where = "bundled" if not settings.model.weights_dir else "model.weights_dir"
