@@ -46,7 +46,7 @@ from ldct_node.dicom.enhanced import (
     mark_frames_derived,
 )
 from ldct_node.dicom.io import NODE_NAME, encode_like, file_meta_for, save_durably, stored_range
-from ldct_node.dicom.values import strings
+from ldct_node.dicom.values import put_series_item, strings
 
 logger = logging.getLogger(__name__)
 
@@ -388,12 +388,7 @@ def derive_instance(
     related.StudyInstanceUID = source.get("StudyInstanceUID", "")
     related.SeriesInstanceUID = source.SeriesInstanceUID
     related.PurposeOfReferenceCodeSequence = Sequence([_code_item(CODE_SOURCE_SERIES)])
-    others = [
-        item
-        for item in out.get("RelatedSeriesSequence", None) or []
-        if item.get("SeriesInstanceUID") != source.SeriesInstanceUID
-    ]
-    out.RelatedSeriesSequence = Sequence([*others, related])
+    put_series_item(out, "RelatedSeriesSequence", related)
 
     # Equipment: the scanner stays the General Equipment; we are modifying equipment.
     versions = [_fit(f"{NODE_NAME} {__version__}", _LO_MAX)]

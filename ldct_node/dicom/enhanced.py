@@ -30,7 +30,7 @@ from pydicom.sequence import Sequence
 
 from ldct_node.dicom.io import _ensure_transfer_syntax, stored_range
 from ldct_node.dicom.pixels import slice_shape
-from ldct_node.dicom.values import InputError, n_frames, rescale_pair, strings
+from ldct_node.dicom.values import InputError, n_frames, put_series_item, rescale_pair, strings
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +202,7 @@ def mark_frames_derived(
     series = Dataset()
     series.SeriesInstanceUID = source.SeriesInstanceUID
     series.ReferencedInstanceSequence = Sequence([_sop_reference(source)])
-    others = [
-        item
-        for item in out.get("ReferencedSeriesSequence", None) or []
-        if item.get("SeriesInstanceUID") != source.SeriesInstanceUID
-    ]
-    out.ReferencedSeriesSequence = Sequence([*others, series])
+    put_series_item(out, "ReferencedSeriesSequence", series)
 
     # Every instance the frames' Source Image Sequences refer to (hierarchical).
     evidence_series = Dataset()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 
 class InputError(ValueError):
@@ -54,3 +55,11 @@ def rescale_pair(slope: object, intercept: object, where: str = "") -> tuple[flo
     if slope_f == 0.0 or not math.isfinite(slope_f) or not math.isfinite(intercept_f):
         raise InputError(f"{where}unusable rescale: slope {slope_f}, intercept {intercept_f}")
     return slope_f, intercept_f
+
+
+def put_series_item(ds: Dataset, keyword: str, item: Dataset) -> None:
+    """Set the sequence ``keyword`` of ``ds`` to its items of other series followed by
+    ``item`` (which replaces any item of its own SeriesInstanceUID)."""
+    uid = item.SeriesInstanceUID
+    others = [i for i in ds.get(keyword, None) or [] if i.get("SeriesInstanceUID") != uid]
+    setattr(ds, keyword, Sequence([*others, item]))

@@ -600,6 +600,19 @@ class _GuardedDUL(DULServiceProvider):
         )
         self._abort_and_close(ABORT_REASON_NOT_SPECIFIED)
 
+    def _receive(self, sock: _ReplaySocket, n_bytes: int, deadline: float) -> bytearray | None:
+        """Up to ``n_bytes`` by ``deadline``; None when the read failed and the association
+        is already being ended (too slow: aborted; a socket error: closed)."""
+        try:
+            data = sock.recv_by(n_bytes, deadline)
+        except TimeoutError:
+            self._too_slow()
+            return None
+        except OSError:
+            self.event_queue.put("Evt17")
+            return None
+        return data
+
     def _read_pdu_data(self) -> None:
         sock = cast(_ReplaySocket, self.socket)
         if self.state_machine.current_state == "Sta13":
@@ -607,13 +620,8 @@ class _GuardedDUL(DULServiceProvider):
             return
         # One deadline for the whole PDU (a trickling peer cannot stretch it per read).
         deadline = time.monotonic() + PDU_READ_TIMEOUT_S
-        try:
-            header = sock.recv_by(PDU_HEADER_BYTES, deadline)
-        except TimeoutError:
-            self._too_slow()
-            return
-        except OSError:
-            self.event_queue.put("Evt17")
+        header = self._receive(sock, PDU_HEADER_BYTES, deadline)
+        if header is None:
             return
         if len(header) < PDU_HEADER_BYTES:
             self.event_queue.put("Evt17")  # closed by the peer
@@ -639,13 +647,8 @@ class _GuardedDUL(DULServiceProvider):
             )
             self._abort_and_close(ABORT_INVALID_PARAMETER)
             return
-        try:
-            body = sock.recv_by(length, deadline)
-        except TimeoutError:
-            self._too_slow()
-            return
-        except OSError:
-            self.event_queue.put("Evt17")
+        body = self._receive(sock, length, deadline)
+        if body is None:
             return
         if len(body) != length:
             self.event_queue.put("Evt17")
