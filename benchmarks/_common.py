@@ -102,7 +102,7 @@ def write_series(folder: Path, n: int, size: int, *, seed: int = 0) -> list[Path
     """Write an ``n``-slice CT series (uncompressed, explicit VR LE) and return its files."""
     from pydicom.uid import generate_uid
 
-    from ldct_node.dicomio import write_ct_series
+    from ldct_node.dicom.io import write_ct_series
 
     return write_ct_series(
         ct_volume(n, size, seed=seed),

@@ -51,11 +51,11 @@ def stage_times(
     import numpy as np
 
     from ldct_node.config import Destination, DicomSettings, OutputProfile
-    from ldct_node.derive import derive_instance, write_derived
-    from ldct_node.dicomio import decode_hu, read_instance
-    from ldct_node.forward import send_series
+    from ldct_node.dicom.derive import derive_instance, write_derived
+    from ldct_node.dicom.io import decode_hu, read_instance
     from ldct_node.model.cascade import Cascade
-    from ldct_node.worker import denoise_series
+    from ldct_node.pipeline import denoise_series
+    from ldct_node.service.forward import send_series
 
     cascade = Cascade.load(BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision)
     t0 = time.perf_counter()

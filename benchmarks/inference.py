@@ -123,7 +123,7 @@ def low_precision_error(cascades: dict[tuple[str, str], Any]) -> dict[str, float
         import pydicom
         from pydicom.data import get_testdata_file
 
-        from ldct_node.dicomio import decode_hu
+        from ldct_node.dicom.io import decode_hu
 
         path = get_testdata_file("693_UNCR.dcm")
         if path is None:

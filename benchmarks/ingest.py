@@ -49,10 +49,10 @@ from _common import (  # noqa: E402
 def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
     """Milliseconds per instance of each step of the C-STORE handler, in-process."""
     from ldct_node.config import Settings
-    from ldct_node.db import Database, ReceivedInstance
-    from ldct_node.dicomio import processing_skip_reason
-    from ldct_node.receive import _read_header, slice_position
-    from ldct_node.spool import Spool
+    from ldct_node.dicom.io import processing_skip_reason
+    from ldct_node.service.receive import _read_header, slice_position
+    from ldct_node.service.spool import Spool
+    from ldct_node.store import Database, ReceivedInstance
 
     settings = Settings()
     spool = Spool(work / "spool")

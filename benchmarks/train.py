@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import keras
 
-    from ldct_node.model.losses import load_vgg_extractor, make_perceptual_mse_loss
+    from ldct_node.lab.losses import load_vgg_extractor, make_perceptual_mse_loss
     from ldct_node.model.networks import build_drl_difference, build_drl_perceptual
 
     rng = np.random.default_rng(0)

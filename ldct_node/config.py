@@ -1,10 +1,11 @@
 """config.toml -> typed, validated settings.
 
-Every key of DESIGN section 3 has a default except where noted. Unknown keys and
+Every key (the example is ``config.toml``) has a default except where noted. Unknown keys and
 wrong types raise :class:`ConfigError` naming the offending key and the file.
 Relative paths (spool, weights, SQLite database) are resolved against the
 directory holding the config file, so the node behaves the same whatever the
-working directory of the process is.
+working directory of the process is. Strict types: a TOML integer is fine for a
+float key (``7`` or ``7.0``), a bool is no number.
 """
 
 from __future__ import annotations
@@ -85,11 +86,6 @@ class SecuritySettings(_Section):
                 raise ValueError(f"{item!r} is not an IP address or CIDR network") from exc
         return value
 
-    @field_validator("association_request_timeout", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
     @model_validator(mode="after")
     def _tls_pair(self) -> SecuritySettings:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -109,23 +105,12 @@ class StorageSettings(_Section):
     retention_days: float = Field(7, ge=0)
     min_free_gb: float = Field(5, ge=0)
 
-    @field_validator("retention_days", "min_free_gb", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        # TOML distinguishes 7 from 7.0; both are fine here.
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
 
 class SeriesSettings(_Section):
     stable_seconds: float = Field(30, ge=0)
     accept_sop_classes: list[str] = Field(default_factory=lambda: [CT_IMAGE_STORAGE])
     skip_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
     ignore_derived: bool = True
-
-    @field_validator("stable_seconds", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ModelSettings(_Section):
@@ -138,11 +123,6 @@ class ModelSettings(_Section):
     #: Process memory (MB) the worker keeps inference under: batches and tiles of large
     #: slices are sized to what is left of it (see ldct_node.model.cascade).
     memory_budget_mb: float = Field(4096, gt=0)
-
-    @field_validator("memory_budget_mb", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 DEFAULT_HU_FIDELITY_MM = 2.0
@@ -157,17 +137,12 @@ class OutputProfile(_Section):
     hu_fidelity_mm: float = Field(DEFAULT_HU_FIDELITY_MM, ge=0.0, le=20.0)
     series_description_suffix: str = " [LDCT denoised]"
     series_number_offset: int = 1000
-    # Routing (see ldct_node.routing): where this profile's series go and which source
+    # Routing (see ldct_node.service.routing): where this profile's series go and which source
     # series it applies to. Empty lists mean "all destinations" / "no restriction".
     destinations: list[str] = Field(default_factory=list)
     calling_aets: list[str] = Field(default_factory=list)
     series_descriptions: list[str] = Field(default_factory=list)
     convolution_kernels: list[str] = Field(default_factory=list)
-
-    @field_validator("blend", "hu_fidelity_mm", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("name")
     @classmethod
@@ -353,15 +328,6 @@ class ForwardSettings(_Section):
     max_attempts: int = Field(10, ge=1)
     backoff_seconds: list[float] = Field(default_factory=lambda: [10.0, 30.0, 60.0, 300.0, 900.0])
 
-    @field_validator("backoff_seconds", mode="before")
-    @classmethod
-    def _floats(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [
-                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
-            ]
-        return value
-
     @field_validator("backoff_seconds")
     @classmethod
     def _non_empty(cls, value: list[float]) -> list[float]:
@@ -381,11 +347,6 @@ class WorkerSettings(_Section):
     # A running job (or a forward being sent) belongs to its process this long after
     # its last heartbeat; then any other process may take it over (the owner died).
     lease_seconds: float = Field(300, ge=1)
-
-    @field_validator("lease_seconds", mode="before")
-    @classmethod
-    def _int_ok(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class DicomSettings(_Section):
@@ -495,7 +456,7 @@ def bundled_weights_dir() -> Path:
 
 
 def default_config_path() -> Path:
-    """``$LDCT_NODE_CONFIG``, else ``./config.toml`` (DESIGN section 2)."""
+    """``$LDCT_NODE_CONFIG``, else ``./config.toml`` (README, "Commands")."""
     env = os.environ.get(ENV_VAR)
     return Path(env) if env else Path(DEFAULT_FILE)
 

@@ -1,7 +1,7 @@
 """Shared helpers for tests that need small CT series on disk.
 
 ``make_ct_volume`` builds a tiny phantom in HU, ``make_ct_series`` writes it with
-:func:`ldct_node.dicomio.write_ct_series`, ``compress`` re-encodes one file in another
+:func:`ldct_node.dicom.io.write_ct_series`, ``compress`` re-encodes one file in another
 transfer syntax (DCMTK or pydicom), and ``dciodvfy_errors`` runs the IOD validator.
 Tools that may be missing come with ``needs_*`` pytest skip marks.
 """
@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from ldct_node.dicomio import write_ct_series
+from ldct_node.dicom.io import write_ct_series
 
 HAVE_DCMTK = all(shutil.which(t) for t in ("dcmcjpeg", "dcmcrle", "dcmdjpeg"))
 HAVE_DCIODVFY = shutil.which("dciodvfy") is not None
@@ -146,7 +146,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 def hu_of(path: Path) -> np.ndarray:
-    """Decoded HU of one file (full read, via :func:`ldct_node.dicomio.decode_hu`)."""
-    from ldct_node.dicomio import decode_hu
+    """Decoded HU of one file (full read, via :func:`ldct_node.dicom.io.decode_hu`)."""
+    from ldct_node.dicom.io import decode_hu
 
     return decode_hu(pydicom.dcmread(path))

@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from ldct_node.config import ENHANCED_CT_IMAGE_STORAGE
-from ldct_node.dicomio import file_meta_for, save_durably
+from ldct_node.dicom.io import file_meta_for, save_durably
 
 _INTERCEPT = -1024.0
 

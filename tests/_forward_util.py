@@ -1,4 +1,4 @@
-"""A job waiting to be forwarded, for tests of :class:`ldct_node.forward.Forwarder`."""
+"""A job waiting to be forwarded, for tests of :class:`ldct_node.service.forward.Forwarder`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from _dicom_util import make_ct_series
 from _node_util import spool_series
 
 from ldct_node.config import Settings
-from ldct_node.db import Database, JobState
-from ldct_node.spool import Spool
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database, JobState
 
 
 def forwarding_job(

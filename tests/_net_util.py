@@ -39,9 +39,9 @@ from _common import DCMTK_ENV, dcmtk_tool
 from _common import stop_process as stop_process
 
 from ldct_node.config import Settings, parse_settings
-from ldct_node.db import Database
-from ldct_node.receive import start_receiver, stop_receiver
-from ldct_node.spool import Spool
+from ldct_node.service.receive import start_receiver, stop_receiver
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT_S = 60

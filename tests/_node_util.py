@@ -23,8 +23,8 @@ import pytest
 import tomli_w
 from _net_util import DCMTK_ENV, LOOPBACK, dcmtk, dcmtk_tool, free_port, stop_process
 
-from ldct_node.db import Database, ReceivedInstance
-from ldct_node.spool import Spool
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database, ReceivedInstance
 
 HAVE_STORESCP = all(dcmtk_tool(t) for t in ("storescp", "storescu", "echoscu"))
 needs_storescp = pytest.mark.skipif(not HAVE_STORESCP, reason="DCMTK storescp/storescu missing")

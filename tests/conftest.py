@@ -43,7 +43,7 @@ def write_weights_dir(
     """
     import keras
 
-    from ldct_node.model.cascade import MANIFEST_FORMAT, sha256_file
+    from ldct_node.model.manifest import MANIFEST_FORMAT, sha256_file
     from ldct_node.model.networks import build_drl_difference, build_drl_perceptual
 
     keras.utils.set_random_seed(seed)

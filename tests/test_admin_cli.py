@@ -14,8 +14,8 @@ from _node_util import needs_storescp, spool_series, storescp, write_config
 
 from ldct_node import cli
 from ldct_node.config import load_settings
-from ldct_node.db import Database, JobState, open_database
-from ldct_node.spool import Spool
+from ldct_node.service.spool import Spool
+from ldct_node.store import Database, JobState, open_database
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -240,7 +240,7 @@ def test_status_names_its_config_and_piped_tables_are_not_cut(seeded: Seeded, ca
     failed = seeded.job("failed")
     long_error = "instance 1.2.3: " + "a reason that goes on and on " * 8 + "THE END"
     with seeded.db.session() as sess:  # a long error, as a real decoder message can be
-        from ldct_node.db import Job
+        from ldct_node.store import Job
 
         sess.get(Job, failed).error = long_error  # type: ignore[union-attr]
     rc, out, _ = run(capsys, "status", "--config", seeded.config)

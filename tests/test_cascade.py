@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 from conftest import BUNDLED_WEIGHTS
 
-from ldct_node.model.cascade import (
-    HU_MIN,
-    HU_RANGE,
-    Cascade,
-    WeightsError,
-    blend_with_input,
-    hu_to_model,
-    model_to_hu,
-)
+from ldct_node.model.cascade import Cascade, blend_with_input
+from ldct_node.model.manifest import WeightsError
+from ldct_node.model.scaling import HU_MIN, HU_RANGE, hu_to_model, model_to_hu
 
 
 def test_hu_model_range_round_trip() -> None:
@@ -106,7 +100,7 @@ def test_manifest_errors(untrained_weights: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["water", "body"])
 def test_bundled_weights_lower_noise_on_held_out_simulated_slices(kind: str) -> None:
     """Quarter-dose slices the training never saw (another seed): noise and error drop."""
-    from ldct_node.model.simulate import make_phantom, simulate_scan
+    from ldct_node.lab.simulate import make_phantom, simulate_scan
 
     rng = np.random.default_rng(424242)
     phantom = make_phantom(256, rng, kind=kind)

@@ -12,9 +12,9 @@ from _dicom_util import compress, hu_of, make_ct_series, needs_dcmtk
 from conftest import run_cli
 
 from ldct_node.config import OutputProfile
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.worker import profile_image
+from ldct_node.pipeline import profile_image
 
 
 def _derived_files(out: Path) -> dict[str, list[Path]]:

@@ -1,4 +1,4 @@
-"""The config contract (DESIGN section 3): defaults, validation, errors naming key and file."""
+"""The config contract (config.toml's keys): defaults, validation, errors naming key and file."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from _pacs_util import RecordingPacs, recording_pacs
 from pydicom.uid import UID
 
 from ldct_node.config import Settings, load_settings
-from ldct_node.db import Database, JobInfo, JobState
+from ldct_node.store import Database, JobInfo, JobState
 
 pytestmark = pytest.mark.slow
 

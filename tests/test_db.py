@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ldct_node.db import (
+from ldct_node.store import (
     ALLOWED_TRANSITIONS,
+    DEFAULT_LEASE_SECONDS,
     Database,
     JobNotFoundError,
     JobState,
@@ -94,7 +95,7 @@ def test_same_sop_under_another_series_keeps_the_first(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     db.record_instance(inst("1.5", 1, sop="7.7"), PROFILES, now=at(0))
-    with caplog.at_level(logging.WARNING, logger="ldct_node.db"):
+    with caplog.at_level(logging.WARNING, logger="ldct_node.store"):
         assert not db.record_instance(inst("1.6", 1, sop="7.7"), PROFILES, now=at(1))
     assert "7.7" in caplog.text
     (job,) = db.list_jobs()
@@ -291,22 +292,22 @@ def test_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
 
 def test_requeue_running_at_startup(db: Database) -> None:
     job_id = running_job(db)
-    assert db.requeue_running(now=at(200)) == [job_id]
+    assert db.requeue_owned_by(db.running_owners(), now=at(200)) == [job_id]
     job = db.get_job(job_id)
     assert job.state == JobState.QUEUED and job.worker_id is None
-    assert db.requeue_running() == []
+    assert db.requeue_owned_by(db.running_owners()) == []
     # A run whose series grew meanwhile waits for the series to be stable again.
     other = running_job(db, "1.6")
     db.record_instance(inst("1.6", 3), PROFILES, now=at(250))
-    assert db.requeue_running(now=at(260)) == [other]
+    assert db.requeue_owned_by(db.running_owners(), now=at(260)) == [other]
     assert db.get_job(other).state == JobState.RECEIVING
 
 
-def test_requeue_stale_only_takes_silent_workers(db: Database) -> None:
-    a = running_job(db, "1.5")
+def test_requeue_expired_only_takes_silent_workers(db: Database) -> None:
+    a = running_job(db, "1.5")  # claimed at 101, leased for DEFAULT_LEASE_SECONDS
     b = running_job(db, "1.6")
-    db.heartbeat(b, "w1", now=at(290))
-    assert db.requeue_stale(60, now=at(300)) == [a]
+    db.heartbeat(b, "w1", now=at(390))
+    assert db.requeue_expired(now=at(101 + DEFAULT_LEASE_SECONDS + 1)) == [a]
     assert db.get_job(b).state == JobState.RUNNING
 
 
@@ -318,7 +319,7 @@ def test_restart_resumes_from_the_table(tmp_path: Path) -> None:
     first.close()
     second = Database(url)
     second.create_schema()  # idempotent on an existing database
-    assert second.requeue_running() == [job_id]
+    assert second.requeue_owned_by(second.running_owners()) == [job_id]
     again = second.claim_next_job("w9")
     assert again is not None and again.id == job_id and again.attempts == 2
     second.close()

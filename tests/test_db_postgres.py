@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ldct_node.db import Database, JobState, ReceivedInstance, TransitionError
-from ldct_node.migrate import upgrade
-from ldct_node.worker import is_dead_local_worker
+from ldct_node.service.identity import is_dead_local_worker
+from ldct_node.store import Database, JobState, ReceivedInstance, TransitionError
+from ldct_node.store.migrate import upgrade
 
 T0 = datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"

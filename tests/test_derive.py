@@ -1,4 +1,4 @@
-"""The derived-series factory: every rule of DESIGN section 5, one test each."""
+"""The derived-series factory: every rule of ldct_node.dicom.derive, one test each."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, JPEGBasel
 
 from ldct_node import __version__
 from ldct_node.config import DicomSettings, OutputProfile, SeriesSettings
-from ldct_node.derive import (
+from ldct_node.dicom.derive import (
     derive_instance,
     derived_series_uid,
     derived_sop_uid,
     derived_uid,
     write_derived,
 )
-from ldct_node.dicomio import decode_hu, processing_skip_reason
+from ldct_node.dicom.io import decode_hu, processing_skip_reason
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 123456)
 PROFILE = OutputProfile(

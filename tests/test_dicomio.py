@@ -25,7 +25,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from ldct_node.config import ENHANCED_CT_IMAGE_STORAGE, SeriesSettings
-from ldct_node.dicomio import (
+from ldct_node.dicom.io import (
     InputError,
     decode_hu,
     encode_like,
@@ -308,7 +308,7 @@ def test_without_orientation_denoise_and_the_receiver_order_by_z_alike(tmp_path:
     """One ordering rule (issue 16): an instance with a position but no
     ImageOrientationPatient is placed by its z, in ``denoise`` (scan_inputs) and in the
     receiver's job table (the same slice_position), whatever InstanceNumber says."""
-    from ldct_node import receive
+    from ldct_node.service import receive
 
     paths = make_ct_series(tmp_path, n=3, size=8)
     uids = []

@@ -29,9 +29,9 @@ from _orthanc_util import Orthanc, needs_orthanc, running_orthanc
 from _tls_util import https_front
 
 from ldct_node.config import ConfigError, Destination, parse_settings
-from ldct_node.db import JobState
-from ldct_node.dicomweb import read_password
-from ldct_node.forward import Forwarder, echo, send_series
+from ldct_node.service.dicomweb import read_password
+from ldct_node.service.forward import Forwarder, echo, send_series
+from ldct_node.store import JobState
 
 PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -162,7 +162,7 @@ def test_stow_with_password_file_and_retry_after_a_wrong_password(
 
 @orthanc_test
 def test_stow_a_series_in_several_requests(tmp_path: Path, web: Web, monkeypatch: Any) -> None:
-    from ldct_node import dicomweb
+    from ldct_node.service import dicomweb
 
     monkeypatch.setattr(dicomweb, "MAX_BATCH_INSTANCES", 2)
     series_uid = "1.2.826.0.1.3680043.99.9.2"

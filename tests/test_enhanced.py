@@ -12,11 +12,11 @@ from _dicom_util import dciodvfy_errors, make_ct_volume, needs_dciodvfy
 from _enhanced_util import write_enhanced_ct
 
 from ldct_node.config import ENHANCED_CT_IMAGE_STORAGE, DicomSettings, OutputProfile
-from ldct_node.derive import derived_series_uid
-from ldct_node.dicomio import InputError, is_own_output
-from ldct_node.enhanced import decode_frames_hu, encode_frames_like, frame_rescales
+from ldct_node.dicom.derive import derived_series_uid
+from ldct_node.dicom.enhanced import decode_frames_hu, encode_frames_like, frame_rescales
+from ldct_node.dicom.io import InputError, is_own_output
 from ldct_node.model.cascade import Cascade
-from ldct_node.worker import denoise_series, profile_image
+from ldct_node.pipeline import denoise_series, profile_image
 
 
 @pytest.fixture

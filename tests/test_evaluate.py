@@ -14,8 +14,7 @@ from conftest import run_cli
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from ldct_node.model.cascade import Cascade
-from ldct_node.model.evaluation import (
+from ldct_node.lab.evaluation import (
     Method,
     distinguish_names,
     estimate_noise_hu,
@@ -23,7 +22,8 @@ from ldct_node.model.evaluation import (
     goal_checks,
     load_eval_cases,
 )
-from ldct_node.model.simulate import simulate_dataset
+from ldct_node.lab.simulate import simulate_dataset
+from ldct_node.model.cascade import Cascade
 
 HAVE_BM3D = importlib.util.find_spec("bm3d") is not None
 

@@ -91,9 +91,9 @@ def test_output_profile_applies_fidelity_then_blend(tmp_path: Path) -> None:
     from _dicom_util import make_ct_series
 
     from ldct_node.config import DicomSettings, OutputProfile
-    from ldct_node.derive import derive_instance
-    from ldct_node.dicomio import InputError, decode_hu
-    from ldct_node.worker import profile_image
+    from ldct_node.dicom.derive import derive_instance
+    from ldct_node.dicom.io import InputError, decode_hu
+    from ldct_node.pipeline import profile_image
 
     ds = pydicom.dcmread(make_ct_series(tmp_path, n=1, size=64, pixel_spacing_mm=0.8)[0])
     hu = decode_hu(ds)

@@ -18,8 +18,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from ldct_node.config import Destination
-from ldct_node.db import JobState
-from ldct_node.forward import Forwarder, describe_status, echo, send_series
+from ldct_node.service.forward import Forwarder, describe_status, echo, send_series
+from ldct_node.store import JobState
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -249,7 +249,7 @@ def test_the_forwarders_connections_have_nagle_off(tmp_path: Path) -> None:
     delayed ACK (~40 ms); the forwarder's sockets set TCP_NODELAY."""
     import socket
 
-    from ldct_node import forward
+    from ldct_node.service import forward
 
     scp = AE(ae_title="PACS")
     scp.add_supported_context(Verification)

@@ -26,8 +26,8 @@ from _orthanc_util import needs_orthanc, running_orthanc
 from _tls_util import dcmtk_storescp, needs_dcmtk_tls
 
 from ldct_node.config import ConfigError, Destination, load_settings, parse_settings
-from ldct_node.db import JobState
-from ldct_node.forward import Forwarder, echo, send_series
+from ldct_node.service.forward import Forwarder, echo, send_series
+from ldct_node.store import JobState
 
 PYNETDICOM_NOISE = ("Association request failed", "TCP Initialisation Error", "Traceback")
 

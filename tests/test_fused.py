@@ -10,7 +10,7 @@ import pytest
 from conftest import BUNDLED_WEIGHTS
 from pydicom.data import get_testdata_file
 
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
 from ldct_node.model.fused import compile_cascade, fold_drl
 from ldct_node.model.networks import build_cnn10, build_drl

@@ -42,7 +42,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID, generate_uid
 
 from ldct_node.config import load_settings
-from ldct_node.db import Database, JobState
+from ldct_node.store import Database, JobState
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

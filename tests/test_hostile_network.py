@@ -52,7 +52,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
-from ldct_node import netguard, receive
+from ldct_node.service import netguard, receive
 
 VERIFICATION = UID("1.2.840.10008.1.1")
 CT = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -312,9 +312,9 @@ def test_fifty_hostile_connections_for_sixty_seconds_default_limits(
 RECEIVER_SCRIPT = """
 import logging, sys
 from ldct_node.config import load_settings
-from ldct_node.db import Database
-from ldct_node.receive import start_receiver, stop_receiver
-from ldct_node.spool import Spool
+from ldct_node.store import Database
+from ldct_node.service.receive import start_receiver, stop_receiver
+from ldct_node.service.spool import Spool
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(levelname)s %(name)s: %(message)s")
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)

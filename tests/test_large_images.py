@@ -24,11 +24,11 @@ from _enhanced_util import write_enhanced_ct
 from _node_util import REPO, echo_ok, needs_storescp, serving, storescu, wait_for, write_config
 
 from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, load_settings
-from ldct_node.db import MAX_JOB_CRASHES, Database, JobState, ReceivedInstance
-from ldct_node.dicomio import InputError, read_instance
-from ldct_node.enhanced import decode_frames_hu
-from ldct_node.migrate import upgrade
+from ldct_node.dicom.enhanced import decode_frames_hu
+from ldct_node.dicom.io import InputError, read_instance
 from ldct_node.model.cascade import MIN_TILE_CORE, Cascade, plan_tiles, receptive_halo
+from ldct_node.store import MAX_JOB_CRASHES, Database, JobState, ReceivedInstance
+from ldct_node.store.migrate import upgrade
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_enhanced_ct_frames_above_the_slice_limit_are_refused_before_decoding(
 _WORKER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from ldct_node.db import Database
+    from ldct_node.store import Database
     db = Database(sys.argv[1])
     job = db.claim_next_job(sys.argv[2])
     print(job.id if job else "none", flush=True)
@@ -280,7 +280,7 @@ def test_crash_counter_migration_keeps_existing_jobs(tmp_path: Path) -> None:
     from alembic import command
     from sqlalchemy import text
 
-    from ldct_node.migrate import alembic_config
+    from ldct_node.store.migrate import alembic_config
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     db = Database(url)

@@ -13,8 +13,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from _vgg_util import random_vgg_like_extractor
 
-from ldct_node.model.losses import (
+from ldct_node.lab.losses import (
     VGG_CAFFE_MEANS_BGR,
     VGG_FEATURE_LAYERS,
     PerceptualMSELoss,
@@ -22,7 +23,6 @@ from ldct_node.model.losses import (
     make_perceptual_mse_loss,
     mse,
     perceptual_distance,
-    random_vgg_like_extractor,
     vgg_preprocess,
 )
 from ldct_node.model.networks import build_drl_perceptual
@@ -264,7 +264,7 @@ def test_two_step_fit_trains_the_model_not_the_extractor(extractor: keras.Model)
 
 
 def test_calibrated_scale_puts_the_perceptual_term_in_mse_units() -> None:
-    from ldct_node.model.losses import calibrate_perceptual_scale, make_perceptual_mse_loss
+    from ldct_node.lab.losses import calibrate_perceptual_scale, make_perceptual_mse_loss
 
     extractor = random_vgg_like_extractor(seed=3)
     rng = np.random.default_rng(0)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _vgg_util import random_vgg_like_extractor
 from conftest import BUNDLED_WEIGHTS, run_cli
 from test_train import _paired_data
 
-from ldct_node.model.cascade import Cascade, WeightsError, hu_to_model, model_to_hu
-from ldct_node.model.losses import random_vgg_like_extractor
+from ldct_node.lab.train import METHODS, TrainOptions, train
+from ldct_node.model.cascade import Cascade
+from ldct_node.model.manifest import WeightsError
 from ldct_node.model.networks import NETWORK_BUILDERS
-from ldct_node.model.train import METHODS, TrainOptions, train
+from ldct_node.model.scaling import hu_to_model, model_to_hu
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def test_cli_init_from_checks_the_folder(tmp_path: Path) -> None:
 
 
 def test_cosine_schedule_decays_to_one_percent(tmp_path: Path) -> None:
-    from ldct_node.model.train import _optimizer
+    from ldct_node.lab.train import _optimizer
 
     opts = _tiny_opts(tmp_path, tmp_path, learning_rate=1e-3, lr_schedule="cosine")
     optimizer = _optimizer(opts, n_train=40, epochs=2)  # 10 steps per epoch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldct_node.model.metrics import noise_std, rmse
+from ldct_node.lab.metrics import noise_std, rmse
 
 
 def test_rmse_and_noise_std() -> None:

@@ -19,8 +19,8 @@ import tomli_w
 from _node_util import REPO, cli
 from sqlalchemy import inspect, text
 
-from ldct_node.db import Database, JobState
-from ldct_node.migrate import (
+from ldct_node.store import Database, JobState
+from ldct_node.store.migrate import (
     BASELINE_REVISION,
     current_revision,
     head_revision,
@@ -196,7 +196,7 @@ def test_the_baseline_revision_is_the_legacy_schema(tmp_path: Path) -> None:
     try:
         from alembic import command
 
-        from ldct_node.migrate import alembic_config
+        from ldct_node.store.migrate import alembic_config
 
         with db.engine.begin() as conn:
             command.upgrade(alembic_config(conn), BASELINE_REVISION)

@@ -36,10 +36,10 @@ from _node_util import (
 from pydicom.uid import UID, generate_uid
 
 from ldct_node.config import Settings, load_settings
-from ldct_node.db import Database, JobInfo, JobState
-from ldct_node.dicomio import decode_hu
+from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.worker import profile_image
+from ldct_node.pipeline import profile_image
+from ldct_node.store import Database, JobInfo, JobState
 
 pytestmark = [needs_storescp, pytest.mark.slow]
 
@@ -134,7 +134,7 @@ def test_series_in_derived_series_out(
     assert job.derived_series_uid != source_series
 
     first = next(iter(sources.values()))
-    for ds in derived:  # DESIGN section 5
+    for ds in derived:  # the derived-series rules
         src = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         purpose = ds.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0]
         assert purpose.CodeValue == "121322"

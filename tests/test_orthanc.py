@@ -29,10 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
-from ldct_node.db import Database, JobState
-from ldct_node.derive import derived_series_uid
-from ldct_node.dicomio import decode_hu
-from ldct_node.enhanced import decode_frames_hu
+from ldct_node.dicom.derive import derived_series_uid
+from ldct_node.dicom.enhanced import decode_frames_hu
+from ldct_node.dicom.io import decode_hu
+from ldct_node.store import Database, JobState
 
 pytestmark = [needs_orthanc, needs_storescp, pytest.mark.slow]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldct_node.model.evaluation import load_eval_cases, qa_metrics
-from ldct_node.model.metrics import disc_mask
-from ldct_node.model.simulate import (
+from ldct_node.lab.evaluation import load_eval_cases, qa_metrics
+from ldct_node.lab.metrics import disc_mask
+from ldct_node.lab.simulate import (
     QA_INSERTS,
     QA_LOW_CONTRAST_HU,
     QA_LOW_CONTRAST_MM,

@@ -9,7 +9,7 @@ import pytest
 from scipy.special import erfc
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ldct_node.model.metrics import (
+from ldct_node.lab.metrics import (
     annulus_mask,
     cnr,
     disc_mask,

@@ -30,8 +30,8 @@ from _net_util import (
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from ldct_node import receive
-from ldct_node.db import JobState
+from ldct_node.service import receive
+from ldct_node.store import JobState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -29,10 +29,10 @@ from _node_util import Serve, cli, needs_storescp, serving, wait_for, write_conf
 from _pacs_util import recording_pacs
 from pydicom.uid import UID
 
-from ldct_node import receive
 from ldct_node.config import Settings, load_settings
-from ldct_node.db import Database, JobInfo, JobState
-from ldct_node.spool import BYTES_PER_GB
+from ldct_node.service import receive
+from ldct_node.service.spool import BYTES_PER_GB
+from ldct_node.store import Database, JobInfo, JobState
 
 CT = UID("1.2.840.10008.5.1.4.1.1.2")
 GB = BYTES_PER_GB  # storage.min_free_gb counts decimal gigabytes
@@ -466,7 +466,7 @@ def test_real_enospc_while_writing_derived_defers_the_jobs_and_they_resume(
     pydicom's writer, which loses the errno). The jobs go back to the queue with the
     reason and finish by themselves once there is room."""
     from ldct_node.model.cascade import Cascade
-    from ldct_node.worker import Worker
+    from ldct_node.service.worker import Worker
 
     settings = node_settings(tmp_path, series={"stable_seconds": 0})
     derived = Path(settings.spool_path) / "derived"

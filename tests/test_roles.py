@@ -10,9 +10,9 @@ from pathlib import Path
 from _net_util import node_settings
 from _node_util import cli
 
-from ldct_node.db import Database, JobState, ReceivedInstance
-from ldct_node.migrate import upgrade
-from ldct_node.node import Node
+from ldct_node.service.node import Node
+from ldct_node.store import Database, JobState, ReceivedInstance
+from ldct_node.store.migrate import upgrade
 
 
 def _queue_and_claim(db: Database, owners: list[str]) -> dict[str, int]:

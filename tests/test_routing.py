@@ -1,6 +1,6 @@
 """Output profiles and routing: which series get which profiles, where each one goes.
 
-Unit tests of :mod:`ldct_node.routing` and the config checks, then a running node (in
+Unit tests of :mod:`ldct_node.service.routing` and the config checks, then a running node (in
 this process, real associations over loopback) with three profiles, two DCMTK
 ``storescp`` PACS and DCMTK ``storescu`` as scanners with different AE titles.
 """
@@ -21,17 +21,17 @@ from _node_util import needs_storescp, storescp, wait_for
 from pydicom.dataset import Dataset
 
 from ldct_node.config import ConfigError, OutputProfile, parse_settings
-from ldct_node.db import JobState
-from ldct_node.derive import derived_series_uid
+from ldct_node.dicom.derive import derived_series_uid
 from ldct_node.model.cascade import Cascade
-from ldct_node.node import Node
-from ldct_node.receive import NO_MATCHING_PROFILE
-from ldct_node.routing import (
+from ldct_node.service.node import Node
+from ldct_node.service.receive import NO_MATCHING_PROFILE
+from ldct_node.service.routing import (
     convolution_kernels,
     destinations_for,
     matching_profiles,
     profile_applies,
 )
+from ldct_node.store import JobState
 
 
 def _header(description: str = "", kernel: Any = None) -> Dataset:
@@ -218,7 +218,7 @@ def test_profiles_route_series_to_their_destinations(
             head_series = [j for j in db.list_jobs() if j.series_instance_uid == uids["head"]]
             assert head_series == []
             with db.session(read_only=True) as sess:
-                from ldct_node.db import Instance, Series
+                from ldct_node.store import Instance, Series
 
                 reasons = {
                     row.skip_reason

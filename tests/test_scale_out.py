@@ -37,7 +37,7 @@ from _net_util import LOOPBACK
 from _node_util import REPO, echo_ok, needs_storescp, storescp, storescu, wait_for, write_config
 
 from ldct_node.config import load_settings
-from ldct_node.db import Database, JobInfo, JobState
+from ldct_node.store import Database, JobInfo, JobState
 
 pytestmark = [needs_storescp, pytest.mark.slow]
 

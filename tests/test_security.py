@@ -32,9 +32,9 @@ from _node_util import cli, needs_storescp, serving, wait_for, write_config
 from _pacs_util import recording_pacs
 from pydicom.uid import UID
 
-from ldct_node import receive
 from ldct_node.config import load_settings
-from ldct_node.db import Database, JobState
+from ldct_node.service import receive
+from ldct_node.store import Database, JobState
 
 VERIFICATION = UID("1.2.840.10008.1.1")
 CT = UID("1.2.840.10008.5.1.4.1.1.2")

@@ -14,8 +14,8 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from ldct_node import __version__
-from ldct_node.dicomio import decode_hu, write_ct_series
-from ldct_node.model.simulate import (
+from ldct_node.dicom.io import decode_hu, write_ct_series
+from ldct_node.lab.simulate import (
     FILTERS,
     Phantom,
     ScanResult,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ldct_node.spool import BYTES_PER_GB, Spool, safe_name
+from ldct_node.service.spool import BYTES_PER_GB, Spool, safe_name
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 SOP = "1.2.826.0.1.3680043.8.498.1.7"
@@ -52,7 +52,7 @@ def test_store_bytes_is_idempotent_and_keeps_the_first_copy(
     again = spool.store_bytes(b"first", sop_instance_uid=SOP, series_instance_uid=SERIES)
     assert again == first and first.stat().st_ino == inode
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="ldct_node.spool"):
+    with caplog.at_level(logging.WARNING, logger="ldct_node.service.spool"):
         other = spool.store_bytes(b"second", sop_instance_uid=SOP, series_instance_uid=SERIES)
     assert other == first
     assert first.read_bytes() == b"first"
@@ -85,7 +85,7 @@ def test_a_crash_mid_write_never_leaves_a_final_file(tmp_path: Path) -> None:
     child = textwrap.dedent(
         f"""
         import os
-        from ldct_node.spool import Spool
+        from ldct_node.service.spool import Spool
         spool = Spool({str(root)!r})
         def writer(fh):
             fh.write(b"x" * 4096)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _dicom_util import make_ct_series, make_ct_volume
+from _vgg_util import random_vgg_like_extractor
 
+from ldct_node.lab.data import DataError, extract_patches, find_cases, load_case
+from ldct_node.lab.train import TrainOptions, train
 from ldct_node.model.cascade import Cascade
-from ldct_node.model.data import DataError, extract_patches, find_cases, load_case
-from ldct_node.model.losses import random_vgg_like_extractor
-from ldct_node.model.train import TrainOptions, train
 
 
 def _paired_data(root: Path, cases: int = 3, size: int = 64, n: int = 2) -> Path:
@@ -129,8 +129,8 @@ def test_case_ids_are_relative_paths(tmp_path: Path) -> None:
 
 
 def test_simulation_provenance_of_side_by_side_simulations(tmp_path: Path) -> None:
-    from ldct_node.model.simulate import simulate_dataset
-    from ldct_node.model.train import simulation_provenance
+    from ldct_node.lab.simulate import simulate_dataset
+    from ldct_node.lab.train import simulation_provenance
 
     assert simulation_provenance(tmp_path) is None
     common = {"n_cases": 1, "slices_per_case": 1, "size": 64, "progress": False}

@@ -15,13 +15,19 @@ from _net_util import LOOPBACK, Node, node_settings, running_receiver, scu_assoc
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ldct_node.config import Settings
-from ldct_node.db import Database, JobState, ReceivedInstance
-from ldct_node.dicomio import InputError, decode_hu
-from ldct_node.forward import Forwarder
+from ldct_node.dicom.io import InputError, decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.scheduler import NodeScheduler, forward_interval, purge_expired, stability_interval
-from ldct_node.spool import Spool
-from ldct_node.worker import Worker, profile_image, run_cascade
+from ldct_node.pipeline import profile_image, run_cascade
+from ldct_node.service.forward import Forwarder
+from ldct_node.service.scheduler import (
+    NodeScheduler,
+    forward_interval,
+    purge_expired,
+    stability_interval,
+)
+from ldct_node.service.spool import Spool
+from ldct_node.service.worker import Worker
+from ldct_node.store import Database, JobState, ReceivedInstance
 
 PACS = {"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": 4242}
 

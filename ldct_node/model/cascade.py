@@ -19,35 +19,31 @@ result equals the untiled one (up to float rounding of the convolution kernels).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import resource
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ldct_node.model.manifest import (
+    MANIFEST_NAME,
+    STAGE_OUTPUTS,
+    Manifest,
+    WeightsError,
+    sha256_file,
+)
+from ldct_node.model.scaling import HU_MIN, HU_RANGE, hu_to_model, model_to_hu
+
 logger = logging.getLogger(__name__)
 
-HU_MIN = -1024.0
-HU_RANGE = 4096.0
-MANIFEST_NAME = "MANIFEST.json"
-MANIFEST_FORMAT = 1
 NETWORK_ROLES = ("perceptual", "difference")
-#: What a pipeline stage outputs: the image, or a difference map subtracted from its input.
-STAGE_OUTPUTS = ("image", "difference")
-#: The paper's cascade; the pipeline of a manifest that names none.
-DEFAULT_PIPELINE: tuple[tuple[str, str], ...] = (
-    ("perceptual", "image"),
-    ("difference", "difference"),
-)
 #: ``engine`` values of :class:`Cascade`: "fused" (:mod:`ldct_node.model.fused`, the
 #: default where the networks are DRLs) or "keras" (the Keras models as built).
 ENGINES = ("auto", "fused", "keras")
@@ -89,93 +85,6 @@ _POINTWISE_LAYERS = frozenset(
         "Rescaling",
     }
 )
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be used: missing, corrupt or not matching their manifest."""
-
-
-def hu_to_model(hu: np.ndarray) -> np.ndarray:
-    """HU -> model range (float32), clipped to the range the networks were trained on."""
-    clipped = np.clip(np.asarray(hu, dtype=np.float32), HU_MIN, HU_MIN + HU_RANGE)
-    return (clipped - HU_MIN) / np.float32(HU_RANGE)
-
-
-def model_to_hu(values: np.ndarray) -> np.ndarray:
-    """Model range -> HU (float32); inverse of :func:`hu_to_model` inside the range."""
-    return np.asarray(values, dtype=np.float32) * np.float32(HU_RANGE) + np.float32(HU_MIN)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class NetworkEntry:
-    role: str
-    builder: str
-    file: str
-    sha256: str
-    parameters: int
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of weights/MANIFEST.json that inference relies on; the rest is provenance.
-
-    ``pipeline`` lists (network role, output) in order; manifests without one (every
-    weights folder before the comparison methods) are the cascade, DEFAULT_PIPELINE.
-    """
-
-    model_version: str
-    networks: dict[str, NetworkEntry]
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
-    pipeline: tuple[tuple[str, str], ...] = DEFAULT_PIPELINE
-    method: str = "C"
-
-    @classmethod
-    def read(cls, weights_dir: Path) -> Manifest:
-        path = weights_dir / MANIFEST_NAME
-        if not path.is_file():
-            raise WeightsError(f"{path}: no {MANIFEST_NAME} (is weights_dir right?)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("format") != MANIFEST_FORMAT:
-                raise WeightsError(
-                    f"{path}: manifest format {raw.get('format')!r}, expected {MANIFEST_FORMAT}"
-                )
-            if "pipeline" in raw:
-                pipeline = tuple((str(s["network"]), str(s["output"])) for s in raw["pipeline"])
-            else:
-                pipeline = DEFAULT_PIPELINE
-            if not pipeline:
-                raise ValueError("empty pipeline")
-            for role, output in pipeline:
-                if output not in STAGE_OUTPUTS:
-                    raise ValueError(f"stage {role!r}: output {output!r} not in {STAGE_OUTPUTS}")
-            networks = {
-                role: NetworkEntry(
-                    role=role,
-                    builder=str(raw["networks"][role]["builder"]),
-                    file=str(raw["networks"][role]["file"]),
-                    sha256=str(raw["networks"][role]["sha256"]),
-                    parameters=int(raw["networks"][role]["parameters"]),
-                )
-                for role, _ in pipeline
-            }
-            return cls(
-                model_version=str(raw["model_version"]),
-                networks=networks,
-                raw=raw,
-                pipeline=pipeline,
-                method=str(raw.get("method", "C")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(f"{path}: malformed manifest ({exc!r})") from None
 
 
 def receptive_halo(networks: Sequence[Any]) -> int | None:

@@ -19,9 +19,9 @@ faster:
   bfloat16 would quantise to 16 HU near water; it is under 1 % of the work) and the
   head with the residual add stay float32, as in the Keras models.
 
-Measured side by side (``benchmarks/inference.py``), folding and native dilation give
-about 1.3x the Keras graph in float32 on a 2-core AVX-512 CPU, and bfloat16 about 1.6x
-float32 with an output within 0.3 HU RMS of float32 on real CT slices.
+Measured side by side (``benchmarks/inference.py``; README, "Performance"), folding and
+native dilation give about 1.17x the Keras graph in float32 on a 2-core AVX-512 CPU, and
+bfloat16 about 1.77x float32 with an output within 0.2 HU RMS of float32 on real CT slices.
 """
 
 from __future__ import annotations

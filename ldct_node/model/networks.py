@@ -1,4 +1,4 @@
-"""Network builders for the denoising cascade (DESIGN section 6).
+"""Network builders for the denoising cascade (DRL, DRL-P, CNN10; README, "Bundled weights").
 
 Every builder is a pure function returning a fresh, uncompiled ``keras.Model`` that
 takes single-channel images of any size, ``(batch, height, width, 1)``, in the model

@@ -1,0 +1,118 @@
+"""Durable file writes: a file appears complete under its final name or not at all, and
+survives a power loss once the call returns.
+
+Every write goes to a temporary file (same filesystem), is flushed and fsynced, renamed
+over the final name with ``os.replace`` and the folder is fsynced so that the rename
+itself is durable. The spool, the derived series, the weights and their manifest, the
+trainer's state and the simulator's dataset manifest all write through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+#: What to write: bytes, or a callback writing them to the binary file it is given.
+Content = bytes | bytearray | memoryview | Callable[[BinaryIO], None]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (where the filesystem allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a closed file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, final: Path) -> Path:
+    """Rename a written temporary file over ``final``: fsync, ``os.replace``, fsync the
+    folder. For files written by a library that wants a path (Keras weights)."""
+    try:
+        fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
+def write_atomic(
+    final: Path,
+    data: Content,
+    *,
+    tmp_dir: Path | None = None,
+    prefix: str = ".tmp-",
+    suffix: str = ".part",
+    mode: int | None = None,
+    make_dir: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``data`` to ``final`` durably and atomically.
+
+    Parameters
+    ----------
+    final
+        The file to write; an existing one is replaced atomically.
+    data
+        Bytes, or a callback writing them to the binary file it is given.
+    tmp_dir
+        Where the temporary file goes (same filesystem as ``final``); its folder by
+        default.
+    prefix, suffix
+        Of the temporary file's name.
+    mode
+        Permission bits of the file (``mkstemp`` makes it 0600).
+    make_dir
+        Creates ``final.parent`` (called with it) before writing, and again when the
+        rename finds that folder gone (a concurrent clean-up removed it) before one more
+        try; without it the folder must exist.
+    """
+    if not (callable(data) or isinstance(data, bytes | bytearray | memoryview)):
+        raise TypeError(f"data: expected bytes or a callable, got {type(data).__name__}")
+    if make_dir is not None:
+        make_dir(final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=tmp_dir or final.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp_name, mode)
+        try:
+            os.replace(tmp_name, final)
+        except FileNotFoundError:
+            if make_dir is None:
+                raise
+            make_dir(final.parent)
+            os.replace(tmp_name, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
+def write_text_atomic(final: Path, text: str) -> Path:
+    """:func:`write_atomic` for UTF-8 text."""
+    return write_atomic(final, text.encode("utf-8"))

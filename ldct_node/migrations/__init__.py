@@ -1,1 +1,0 @@
-"""Alembic migrations of the job database (applied by :mod:`ldct_node.migrate`)."""

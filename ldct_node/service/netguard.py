@@ -1,0 +1,747 @@
+"""What stands between the network and pynetdicom: connection admission, PDU bounds and
+log hygiene for the receiver (:mod:`ldct_node.service.receive`).
+
+pynetdicom offers no hook before an association request is complete, so the node uses
+its own server class and adopts pynetdicom's per-connection objects at the narrowest
+points::
+
+    accept (listening thread)
+      peer in security.allowed_hosts?            no -> socket closed, nothing read
+      a pending slot (security.max_pending_connections)?
+                                  full -> the oldest pending connection is closed
+    pending (own thread; one deadline, security.association_request_timeout, for all):
+      TLS handshake (when TLS is on)
+      first PDU is an A-ASSOCIATE-RQ?            no -> A-ABORT, closed
+      its length <= MAX_ASSOCIATE_RQ_BYTES?      no -> A-ABORT, closed (nothing buffered)
+      complete before the deadline?              no -> closed
+    association (pynetdicom, the request replayed from what was read):
+      node.max_associations, AE titles, presentation contexts: pynetdicom's negotiation
+      every PDU <= the node's maximum PDU length? no -> A-ABORT, closed (not buffered)
+      a DIMSE message that cannot be decoded      -> A-ABORT (one log line)
+      a C-STORE with an invalid Affected SOP Instance UID -> answered 0x0117
+
+So strangers only ever hold pending slots, which are bounded in number and in time,
+and never the established associations' ``node.max_associations``.
+
+Everything from the network that reaches the log goes through :func:`printable`, and
+pynetdicom's own records pass :class:`OneLineLogFilter` (escaped, tracebacks folded
+into the line), so one bad PDU is one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+logger = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Largest A-ASSOCIATE-RQ PDU accepted, header included (real ones are < 4 KiB).
+MAX_ASSOCIATE_RQ_BYTES = 65_536
+#: Cap on PDU lengths when the maximum PDU length is 0 ("unlimited" in PS3.8).
+MAX_UNLIMITED_PDU_BYTES = 16 << 20
+#: PDU header: type (1), reserved (1), length (4, big endian).
+PDU_HEADER_BYTES = 6
+A_ASSOCIATE_RQ_TYPE = 0x01
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+
+# -- A-ABORT (source: service provider) reasons, PS3.8 9.3.8 -------------------------------
+ABORT_SOURCE_PROVIDER = 0x02
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_INVALID_PARAMETER = 0x06
+ABORT_REASON_NOT_SPECIFIED = 0x00
+
+#: Seconds a PDU may take from its first byte to its last (inside an association); also
+#: the socket timeout for what pynetdicom sends.
+PDU_READ_TIMEOUT_S = 60.0
+#: Listen backlog: a burst of connections must not push real senders into SYN retries.
+LISTEN_BACKLOG = 128
+#: Seconds an A-ABORT may take to leave before the socket is closed regardless.
+ABORT_SEND_TIMEOUT_S = 1.0
+#: At most one log line per kind of refusal in this many seconds (the rest are counted).
+LOG_INTERVAL_S = 5.0
+#: C-CANCEL requests kept per association (as pynetdicom does).
+MAX_CANCEL_REQUESTS = 10
+#: Longest text taken from the network into one log line.
+MAX_LOGGED_CHARS = 128
+
+
+# --------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------
+
+
+def printable(value: object, limit: int = MAX_LOGGED_CHARS) -> str:
+    """``value`` as one line of printable ASCII: anything else escaped, at most ``limit``.
+
+    Control characters, ESC, NUL, newlines, backslashes and non-ASCII become ``\\xNN`` /
+    ``\\uNNNN`` escapes, so a peer cannot forge log lines or terminal sequences.
+    """
+    if limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    text = value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+    out: list[str] = []
+    size = 0
+    for char in text:
+        code = ord(char)
+        if 0x20 <= code < 0x7F and char != "\\":
+            piece = char
+        elif char == "\\":
+            piece = "\\\\"
+        elif code < 0x100:
+            piece = f"\\x{code:02x}"
+        else:
+            piece = f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        size += len(piece)
+        if size > limit:
+            out.append("...")
+            break
+        out.append(piece)
+    return "".join(out)
+
+
+class OneLineLogFilter(logging.Filter):
+    """Makes every record of a (pynetdicom) logger one escaped line.
+
+    The message is rendered and escaped; a traceback is folded into the line as
+    ``(ExceptionType: message)``; records that only repeat an exception logged by the
+    line before (pynetdicom's ``LOGGER.exception(exc)`` after ``LOGGER.error(...)``)
+    are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_quiet_state, "active", False):
+            return False  # the node logs this itself, in one line
+        if isinstance(record.msg, BaseException) and record.exc_info:
+            return False  # the error line before it already said what happened
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed format string must not lose the record
+            message = f"{record.msg!r} {record.args!r}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message} ({type(exc).__name__}: {exc})"
+        record.msg = printable(message, limit=4 * MAX_LOGGED_CHARS)
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
+_FILTER = OneLineLogFilter()
+_quiet_state = threading.local()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pynetdicom's records from this thread are dropped meanwhile (the caller logs)."""
+    _quiet_state.active = True
+    try:
+        yield
+    finally:
+        _quiet_state.active = False
+
+
+def install_log_filter(root: str = "pynetdicom") -> None:
+    """Attach :class:`OneLineLogFilter` to ``root`` and every logger below it (idempotent).
+
+    Logger filters apply only to records of the logger they are attached to, so each
+    module logger of pynetdicom gets its own.
+    """
+    names = [root] + [
+        name for name in logging.Logger.manager.loggerDict if name.startswith(root + ".")
+    ]
+    for name in names:
+        target = logging.getLogger(name)
+        if _FILTER not in target.filters:
+            target.addFilter(_FILTER)
+
+
+class _Throttle:
+    """At most one log line per key every ``interval`` s; the lines skipped are counted."""
+
+    def __init__(self, interval: float = LOG_INTERVAL_S) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.interval) < self.interval:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
+        suffix = f" ({skipped} more like it in the last {self.interval:g} s)" if skipped else ""
+        logger.log(level, message + suffix, *args)
+
+
+_throttle = _Throttle()
+
+
+# --------------------------------------------------------------------------------------
+# Admission before pynetdicom
+# --------------------------------------------------------------------------------------
+
+
+def host_allowed(address: str, networks: tuple[Network, ...]) -> bool:
+    """True if ``address`` is in one of ``networks`` (IPv4-mapped IPv6 seen as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Admission limits of :class:`GuardedAssociationServer`.
+
+    Parameters
+    ----------
+    allowed_networks
+        Peers allowed to connect; empty = any.
+    request_timeout_s
+        Deadline (s) for the TLS handshake and the whole A-ASSOCIATE-RQ, from accept.
+    max_pending
+        Connections that have not yet sent a complete A-ASSOCIATE-RQ, at most.
+    max_request_bytes
+        Largest A-ASSOCIATE-RQ PDU accepted (header included).
+    """
+
+    allowed_networks: tuple[Network, ...] = ()
+    request_timeout_s: float = 10.0
+    max_pending: int = 64
+    max_request_bytes: int = MAX_ASSOCIATE_RQ_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending: must be >= 1, got {self.max_pending}")
+        if self.max_request_bytes <= PDU_HEADER_BYTES:
+            raise ValueError(
+                f"max_request_bytes: must be > {PDU_HEADER_BYTES}, got {self.max_request_bytes}"
+            )
+
+
+class _RefusedError(Exception):
+    """A pending connection that is closed (the message says why, for the log)."""
+
+    def __init__(self, key: str, reason: str, abort_reason: int | None = None) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+        self.abort_reason = abort_reason
+
+
+def _abort_pdu(reason: int) -> bytes:
+    """An A-ABORT PDU from the service provider with ``reason``."""
+    return struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, ABORT_SOURCE_PROVIDER, reason)
+
+
+def _interrupt(sock: socket.socket) -> None:
+    """Wake whatever thread blocks on ``sock`` (it sees end of stream and closes it)."""
+    # The plain socket's shutdown, also for an SSLSocket: its own would drop the SSL
+    # object under the thread still using it.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _PendingSlots:
+    """Connections between accept and a complete A-ASSOCIATE-RQ, oldest first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._sockets: OrderedDict[int, socket.socket] = OrderedDict()
+        self.evicted = 0
+
+    def admit(self, sock: socket.socket) -> None:
+        """Take a slot for ``sock``; when all are taken, close the oldest pending one."""
+        with self._lock:
+            while len(self._sockets) >= self.capacity:
+                _, victim = self._sockets.popitem(last=False)
+                self.evicted += 1
+                _interrupt(victim)
+            self._sockets[id(sock)] = sock
+
+    def release(self, sock: socket.socket) -> bool:
+        """Give the slot of ``sock`` back; False if it was taken away (closed) meanwhile."""
+        with self._lock:
+            return self._sockets.pop(id(sock), None) is not None
+
+    def close_all(self) -> None:
+        with self._lock:
+            victims = list(self._sockets.values())
+            self._sockets.clear()
+        for victim in victims:
+            _interrupt(victim)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sockets)
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: float, what: str) -> bytearray:
+    data = bytearray()
+    while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(what)
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(size - len(data), 65_536))
+        if not chunk:
+            raise ConnectionResetError(what)
+        data += chunk
+    return data
+
+
+def read_association_request(
+    sock: socket.socket, deadline: float, max_bytes: int = MAX_ASSOCIATE_RQ_BYTES
+) -> bytes:
+    """TLS handshake (for an SSLSocket) and the whole A-ASSOCIATE-RQ PDU by ``deadline``.
+
+    Raises
+    ------
+    _RefusedError
+        The peer was too slow, closed, or sent something else or something too long;
+        nothing beyond the 6-byte header of a wrong or too long PDU is read.
+    """
+    received = 0
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("TLS handshake")
+            sock.settimeout(remaining)  # CPython applies it to the whole handshake call
+            sock.do_handshake()
+        header = _recv_exactly(sock, PDU_HEADER_BYTES, deadline, "A-ASSOCIATE-RQ header")
+        received = len(header)
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+            reason = ABORT_UNEXPECTED_PDU if pdu_type in KNOWN_PDU_TYPES else ABORT_UNRECOGNIZED_PDU
+            raise _RefusedError(
+                "wrong-pdu",
+                f"first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
+                reason,
+            )
+        if PDU_HEADER_BYTES + length > max_bytes:
+            raise _RefusedError(
+                "long-request",
+                f"A-ASSOCIATE-RQ of {PDU_HEADER_BYTES + length} bytes exceeds {max_bytes}",
+                ABORT_INVALID_PARAMETER,
+            )
+        body = _recv_exactly(sock, length, deadline, "A-ASSOCIATE-RQ")
+        received += len(body)
+        try:
+            # Decoded here so that pynetdicom's association thread never waits for a
+            # request that will not come (its ACSE timeout, holding an association slot).
+            with _quiet():  # our line below says it, once
+                A_ASSOCIATE_RQ().decode(bytes(header + body))
+        except Exception as exc:
+            raise _RefusedError(
+                "bad-request",
+                f"A-ASSOCIATE-RQ of {received} bytes cannot be decoded "
+                f"({type(exc).__name__}: {printable(exc, 2 * MAX_LOGGED_CHARS)})",
+                ABORT_INVALID_PARAMETER,
+            ) from None
+    except TimeoutError as exc:
+        raise _RefusedError("deadline", f"no complete {exc} in time") from None
+    except ssl.SSLError as exc:
+        why = exc.reason or type(exc).__name__
+        raise _RefusedError("tls", f"TLS handshake failed ({why})") from None
+    except OSError as exc:
+        done = f" after {received} bytes" if received else ""
+        raise _RefusedError("closed", f"connection closed{done} ({type(exc).__name__})") from None
+    return bytes(header + body)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off: a DIMSE response is one small write, and with the
+    peer's delayed ACK it would otherwise wait up to ~40 ms before it leaves."""
+    with contextlib.suppress(OSError):  # not TCP (e.g. a Unix socket in tests)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission in front (see the module docstring).
+
+    Made by :meth:`pynetdicom.ae.ApplicationEntity.make_server` with ``guard=`` as the
+    extra keyword.
+    """
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+
+    def __init__(self, *args: Any, guard: GuardSettings, **kwargs: Any) -> None:
+        self.guard = guard
+        self.pending = _PendingSlots(guard.max_pending)
+        #: Connections closed at accept because their host is not allowed.
+        self.refused_hosts = 0
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; close a disallowed peer at once; take a pending slot; wrap for TLS."""
+        sock = cast(socket.socket, self.socket)
+        client, address = sock.accept()
+        if self.guard.allowed_networks and not host_allowed(
+            str(address[0]), self.guard.allowed_networks
+        ):
+            self.refused_hosts += 1
+            client.close()
+            _throttle.log(
+                logging.WARNING,
+                "host",
+                "connection from %s closed: host not in security.allowed_hosts",
+                printable(address[0]),
+            )
+            raise ConnectionRefusedError("host not allowed")  # socketserver skips it
+        set_nodelay(client)
+        if self.ssl_context is not None:
+            try:
+                # Deferred handshake (receive._DeferredHandshakeContext): no I/O here.
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except (OSError, ValueError):
+                client.close()
+                raise ConnectionAbortedError("TLS wrap failed") from None
+        self.pending.admit(client)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the pending phase, then pynetdicom's."""
+        sock = cast(socket.socket, request)
+        deadline = time.monotonic() + self.guard.request_timeout_s
+        refused: _RefusedError | None = None
+        try:
+            replay = read_association_request(sock, deadline, self.guard.max_request_bytes)
+        except _RefusedError as exc:
+            refused = exc
+        except Exception as exc:  # whatever it is, the slot comes back and one line says it
+            refused = _RefusedError("error", f"failed ({type(exc).__name__})")
+        if not self.pending.release(sock):
+            refused = _RefusedError(
+                "evicted", "closed to make room (all security.max_pending_connections taken)"
+            )
+        if refused is not None:
+            self._refuse(sock, client_address, refused)
+            return
+        try:
+            sock.settimeout(PDU_READ_TIMEOUT_S)  # pynetdicom sends; _GuardedDUL reads by deadline
+            _GuardedRequestHandler(sock, client_address, self, replay=replay)
+        except Exception as exc:
+            logger.error(
+                "connection from %s failed (%s)", _address(client_address), type(exc).__name__
+            )
+            logger.debug("connection failure details", exc_info=True)
+            self.shutdown_request(sock)
+
+    def _refuse(self, sock: socket.socket, client_address: Any, exc: _RefusedError) -> None:
+        if exc.abort_reason is not None:
+            try:
+                sock.settimeout(ABORT_SEND_TIMEOUT_S)
+                sock.sendall(_abort_pdu(exc.abort_reason))
+            except OSError:
+                pass
+        self.shutdown_request(sock)
+        _throttle.log(
+            logging.WARNING,
+            exc.key,
+            "connection from %s closed before association: %s",
+            _address(client_address),
+            exc.reason,
+        )
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line instead of socketserver's traceback on stderr; the slot comes back."""
+        self.pending.release(cast(socket.socket, request))
+        exc = sys.exc_info()[1]
+        logger.error("connection from %s failed (%s)", _address(client_address), type(exc).__name__)
+        logger.debug("connection failure details", exc_info=True)
+
+    def server_close(self) -> None:
+        self.pending.close_all()
+        super().server_close()
+
+
+def _address(client_address: Any) -> str:
+    try:
+        return f"{printable(client_address[0])}:{int(client_address[1])}"
+    except (TypeError, ValueError, IndexError):
+        return printable(client_address)
+
+
+# --------------------------------------------------------------------------------------
+# pynetdicom's per-connection objects, adopted
+# --------------------------------------------------------------------------------------
+
+
+class _GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, given the A-ASSOCIATE-RQ already read."""
+
+    def __init__(
+        self, request: socket.socket, client_address: Any, server: Any, *, replay: bytes
+    ) -> None:
+        self._replay = replay
+        super().__init__(request, client_address, server)
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # pynetdicom builds these inside Association() and _create_association()
+        # without a hook; they are adopted as the subclasses below before the
+        # association's threads start (the subclasses add behaviour, no state layout).
+        cast(Any, assoc.dul).__class__ = _GuardedDUL
+        cast(Any, assoc.dimse).__class__ = _GuardedDIMSE
+        dul_socket = cast(AssociationSocket, assoc.dul.socket)
+        dul_socket.__class__ = _ReplaySocket
+        cast(_ReplaySocket, dul_socket).replay = bytearray(self._replay)
+        return assoc
+
+
+class _ReplaySocket(AssociationSocket):
+    """Serves the pre-read A-ASSOCIATE-RQ before reading from the socket."""
+
+    replay: bytearray
+
+    @property
+    def ready(self) -> bool:
+        if getattr(self, "replay", None):
+            return True
+        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        return self.recv_by(nr_bytes, time.monotonic() + PDU_READ_TIMEOUT_S)
+
+    def recv_by(self, nr_bytes: int, deadline: float) -> bytearray:
+        """``nr_bytes`` (fewer if the peer closed) by ``deadline``, else TimeoutError."""
+        replay = getattr(self, "replay", None)
+        data = bytearray()
+        if replay:
+            data += replay[:nr_bytes]
+            del replay[:nr_bytes]
+        sock = self.socket
+        if sock is None:
+            return data
+        try:
+            while len(data) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("PDU")
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(data), 65_536))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            with contextlib.suppress(OSError):  # closed meanwhile: the read's error counts
+                sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
+        return data
+
+
+def peer_label(assoc: Association) -> str:
+    """``AE@address:port`` of the requestor, escaped for the log."""
+    requestor = assoc.requestor
+    title = printable(str(requestor.ae_title or "").strip()) or "?"
+    return f"{title}@{printable(requestor.address)}:{requestor.port}"
+
+
+class _GuardedDUL(DULServiceProvider):
+    """Reads a PDU only if it fits the node's maximum PDU length; one log line per bad PDU."""
+
+    def _pdu_limit(self) -> int:
+        if self.state_machine.current_state in ("Sta1", "Sta2"):
+            return MAX_ASSOCIATE_RQ_BYTES - PDU_HEADER_BYTES
+        return int(self.assoc.acceptor.maximum_length or MAX_UNLIMITED_PDU_BYTES)
+
+    def _abort_and_close(self, reason: int) -> None:
+        sock = cast(AssociationSocket, self.socket)
+        if sock.socket is not None:
+            try:
+                sock.socket.settimeout(ABORT_SEND_TIMEOUT_S)
+                sock.socket.sendall(_abort_pdu(reason))
+            except OSError:
+                pass
+        sock.close()  # Evt17: the state machine aborts the association and closes
+
+    def _too_slow(self) -> None:
+        logger.warning(
+            "association from %s aborted: no complete PDU within %g s",
+            peer_label(self.assoc),
+            PDU_READ_TIMEOUT_S,
+        )
+        self._abort_and_close(ABORT_REASON_NOT_SPECIFIED)
+
+    def _receive(self, sock: _ReplaySocket, n_bytes: int, deadline: float) -> bytearray | None:
+        """Up to ``n_bytes`` by ``deadline``; None when the read failed and the association
+        is already being ended (too slow: aborted; a socket error: closed)."""
+        try:
+            data = sock.recv_by(n_bytes, deadline)
+        except TimeoutError:
+            self._too_slow()
+            return None
+        except OSError:
+            self.event_queue.put("Evt17")
+            return None
+        return data
+
+    def _read_pdu_data(self) -> None:
+        sock = cast(_ReplaySocket, self.socket)
+        if self.state_machine.current_state == "Sta13":
+            sock.close()  # we have aborted: nothing the peer still sends matters
+            return
+        # One deadline for the whole PDU (a trickling peer cannot stretch it per read).
+        deadline = time.monotonic() + PDU_READ_TIMEOUT_S
+        header = self._receive(sock, PDU_HEADER_BYTES, deadline)
+        if header is None:
+            return
+        if len(header) < PDU_HEADER_BYTES:
+            self.event_queue.put("Evt17")  # closed by the peer
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in KNOWN_PDU_TYPES:
+            logger.warning(
+                "association from %s aborted: unknown PDU type 0x%02X",
+                peer_label(self.assoc),
+                pdu_type,
+            )
+            self._abort_and_close(ABORT_UNRECOGNIZED_PDU)
+            return
+        limit = self._pdu_limit()
+        if length > limit:
+            logger.warning(
+                "association from %s aborted: PDU of type 0x%02X claims %d bytes, "
+                "more than the maximum %d",
+                peer_label(self.assoc),
+                pdu_type,
+                length,
+                limit,
+            )
+            self._abort_and_close(ABORT_INVALID_PARAMETER)
+            return
+        body = self._receive(sock, length, deadline)
+        if body is None:
+            return
+        if len(body) != length:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception as exc:
+            logger.warning(
+                "association from %s aborted: PDU of type 0x%02X cannot be decoded (%s)",
+                peer_label(self.assoc),
+                pdu_type,
+                type(exc).__name__,
+            )
+            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+
+#: C-STORE status: the Affected SOP Instance UID is empty or breaks the UID rules.
+INVALID_OBJECT_INSTANCE = 0x0117
+C_STORE_RQ_COMMAND = 0x0001
+MAX_UID_CHARS = 64
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def valid_uid(value: str) -> bool:
+    """True if ``value`` is a UID: digits in dot-separated non-empty components, <= 64
+    characters. Lenient on leading zeros (old devices write them), strict on the rest:
+    no ``.``, ``..``, empty or non-numeric components."""
+    return len(value) <= MAX_UID_CHARS and _UID_RE.fullmatch(value) is not None
+
+
+class _GuardedDIMSE(DIMSEServiceProvider):
+    """Turns complete DIMSE messages into requests, as pynetdicom does, except that
+
+    - a message that cannot be decoded aborts the association with one log line
+      (pynetdicom's would end the DUL thread with a traceback, or log several lines);
+    - a C-STORE request whose Affected SOP Instance UID is empty or invalid is answered
+      :data:`INVALID_OBJECT_INSTANCE` (pynetdicom drops it unanswered, or aborts).
+    """
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+        message = self.message
+        try:
+            with _quiet():
+                complete = message.decode_msg(primitive, self.assoc)
+        except Exception as exc:
+            self._abort(f"undecodable DIMSE message ({type(exc).__name__})")
+            return
+        if not complete:
+            return
+        self.message = None
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        context_id = cast(int, message.context_id)
+        command = message.command_set
+        if command.get("CommandField") == C_STORE_RQ_COMMAND and not valid_uid(
+            str(command.get("AffectedSOPInstanceUID", "") or "").strip(" \x00")
+        ):
+            self._refuse_store(command, context_id)
+            return
+        try:
+            with _quiet():
+                request = message.message_to_primitive()
+        except Exception as exc:
+            self._abort(f"invalid DIMSE message ({type(exc).__name__})")
+            return
+        if isinstance(request, C_CANCEL) and len(self.cancel_req) < MAX_CANCEL_REQUESTS:
+            self.cancel_req[cast(int, request.MessageIDBeingRespondedTo)] = request
+        else:
+            self.msg_queue.put((context_id, cast(Any, request)))
+
+    def _abort(self, why: str) -> None:
+        logger.warning("association from %s aborted: %s", peer_label(self.assoc), why)
+        self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT, then closed
+
+    def _refuse_store(self, command: Any, context_id: int) -> None:
+        message_id = command.get("MessageID")
+        if message_id is None or context_id not in self.assoc._accepted_cx:
+            self._abort("C-STORE request without a message ID or accepted context")
+            return
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = int(message_id)
+        sop_class = str(command.get("AffectedSOPClassUID", "") or "").strip(" \x00")
+        if valid_uid(sop_class):
+            rsp.AffectedSOPClassUID = sop_class
+        rsp.Status = INVALID_OBJECT_INSTANCE
+        logger.warning(
+            "C-STORE from %s refused with 0x%04X: Affected SOP Instance UID %r is not a UID",
+            peer_label(self.assoc),
+            INVALID_OBJECT_INSTANCE,
+            printable(command.get("AffectedSOPInstanceUID", ""), 70),
+        )
+        self.send_msg(rsp, context_id)
