@@ -244,7 +244,7 @@ def test_forwarder_stopped_does_nothing(tmp_path: Path) -> None:
     db.close()
 
 
-def test_the_forwarders_connections_have_nagle_off(tmp_path: Path) -> None:
+def test_the_forwarders_connections_have_nagle_off_and_keep_their_responses(tmp_path: Path) -> None:
     """Issue 18: with Nagle on, each C-STORE request after the first waits for the peer's
     delayed ACK (~40 ms); the forwarder's sockets set TCP_NODELAY."""
     import socket
@@ -264,6 +264,13 @@ def test_the_forwarders_connections_have_nagle_off(tmp_path: Path) -> None:
             assert attempt.assoc.is_established
             sock = attempt.assoc.dul.socket.socket  # type: ignore[union-attr]
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            # The reactor's non-blocking polls never take a response meant for the
+            # sender (pynetdicom's pause flag races under load: the series was resent).
+            dimse = attempt.assoc.dimse
+            dimse.msg_queue.put((1, "a C-STORE response"))
+            assert dimse.get_msg(block=False) == (None, None)
+            assert dimse.get_msg(block=True) == (1, "a C-STORE response")
+            assert attempt.assoc.send_c_echo().Status == 0  # and sending still works
         finally:
             attempt.assoc.release()
     finally:

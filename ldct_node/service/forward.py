@@ -207,11 +207,33 @@ class _Attempt:
 
 def _connection_opened(event: evt.Event, connected: threading.Event) -> None:
     """TCP is up: Nagle off (each C-STORE request would otherwise wait for the peer's
-    delayed ACK of the previous one, up to ~40 ms), and say so."""
+    delayed ACK of the previous one, up to ~40 ms), the reactor kept off our responses,
+    and say so."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         set_nodelay(sock)
+    _keep_responses_for_the_sender(event.assoc)
     connected.set()
+
+
+def _keep_responses_for_the_sender(assoc: Association) -> None:
+    """Stop the association's reactor thread from taking DIMSE messages off the queue.
+
+    pynetdicom pauses its reactor around each ``send_c_store`` with a flag that can be
+    stale for a moment after the previous send resumed it; under load the reactor then
+    takes the C-STORE response itself ("Received unexpected C-STORE service message"),
+    the sender waits until the peer drops the association, and the whole series is
+    sent again. Only the reactor polls without blocking, and an association of ours
+    only sends requests (the peer sends none to serve), so its polls get nothing; the
+    senders' blocking reads get every response.
+    """
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def senders_only(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    dimse.get_msg = senders_only  # type: ignore[method-assign]
 
 
 def _associate(ae: AE, dest: Destination, tls: _ClientTlsContext | None) -> _Attempt:
