@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import (
     select,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import (
     selectinload,
 )
@@ -33,6 +34,17 @@ from ldct_node.store.models import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: SQLSTATEs after which a transaction may simply run again: deadlock detected,
+#: serialization failure (PostgreSQL).
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+_MAX_TRANSIENT_RETRIES = 5
+
+
+def _sqlstate(exc: OperationalError) -> str | None:
+    """The SQLSTATE of the driver's error (psycopg: ``sqlstate``, psycopg2: ``pgcode``)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
 
 
 class Intake(Store):
@@ -81,12 +93,29 @@ class Intake(Store):
             if not uid:
                 raise ValueError(f"instance.{name}: must not be empty")
         now = _now(now)
-        try:
-            return self._record_instance(instance, tuple(profiles), now)
-        except IntegrityError:
-            # A concurrent writer inserted the same series or SOP instance first (only
-            # possible without BEGIN IMMEDIATE, i.e. on server databases): redo once.
-            return self._record_instance(instance, tuple(profiles), now)
+        for attempt in range(1, _MAX_TRANSIENT_RETRIES + 1):
+            try:
+                return self._record_instance(instance, tuple(profiles), now)
+            except IntegrityError:
+                # A concurrent writer inserted the same series or SOP instance first
+                # (only possible without BEGIN IMMEDIATE, i.e. on server databases).
+                if attempt >= 2:
+                    raise
+            except OperationalError as exc:
+                # PostgreSQL ends one side of a deadlock (this intake locks the series,
+                # then its jobs; the stability sweep or a worker the other way round)
+                # or a serialization failure: the transaction was rolled back whole,
+                # so running it again is safe, and the sender is answered success.
+                if _sqlstate(exc) not in _TRANSIENT_SQLSTATES or attempt >= _MAX_TRANSIENT_RETRIES:
+                    raise
+                logger.info(
+                    "recording instance %s: %s, retrying (%d)",
+                    instance.sop_instance_uid,
+                    "deadlock" if _sqlstate(exc) == "40P01" else "serialization failure",
+                    attempt,
+                )
+                time.sleep(0.01 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _record_instance(
         self, inst: ReceivedInstance, profiles: tuple[str, ...], now: datetime
