@@ -174,8 +174,6 @@ def serve(
     Stops cleanly on SIGTERM or SIGINT (a running job goes back to the queue).
     """
     with command_errors():
-        from sqlalchemy.engine import make_url
-
         from ldct_node.model.manifest import WeightsError
         from ldct_node.service.node import ROLES, Node, NodeStartError
 
@@ -190,7 +188,7 @@ def serve(
         node = Node(settings, role=role)
 
         def ready(running: Node) -> None:
-            db_url = make_url(settings.database_url).render_as_string(hide_password=True)
+            db_url = _shown_url(settings.database_url)
             if running.server is not None:
                 host, port = running.address
                 what = (
@@ -222,13 +220,12 @@ def serve(
 def db_upgrade(config: ConfigOption = None) -> None:
     """Create or upgrade the job database schema (Alembic); `serve` also does this at start."""
     with command_errors():
-        from sqlalchemy.engine import make_url
         from sqlalchemy.exc import SQLAlchemyError
 
         from ldct_node.store.migrate import upgrade
 
         settings = settings_from(config)
-        db_url = make_url(settings.database_url).render_as_string(hide_password=True)
+        db_url = _shown_url(settings.database_url)
         try:
             result = upgrade(settings.database_url)
         except SQLAlchemyError as exc:
