@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -172,3 +173,48 @@ def test_dead_local_workers_are_recognised() -> None:
     assert not is_dead_local_worker(f"{host}:{os.getpid()}")  # ourselves
     assert not is_dead_local_worker(f"other-{host}:{alive.pid}")  # not ours to judge
     assert not is_dead_local_worker("no-pid-here")
+
+
+def _series_rows(db: Database) -> dict[str, tuple[int, int, datetime, str]]:
+    from sqlalchemy import select
+
+    from ldct_node.store.models import Series
+
+    with db.session(read_only=True) as sess:
+        return {
+            s.series_instance_uid: (s.n_instances, s.n_skipped, s.last_received_at, s.state)
+            for s in sess.scalars(select(Series))
+        }
+
+
+def test_intake_counts_each_instance_once_and_keeps_the_latest_arrival(db: Database) -> None:
+    """Intake runs as Core statements (the count is an UPDATE, the duplicate check is the
+    INSERT's ON CONFLICT): the same rules on both backends."""
+    assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+    assert db.record_instance(inst("1.5", 2), ["a"], now=at(5))  # a clock step back
+    assert not db.record_instance(inst("1.5", 2), ["a"], now=at(20))  # re-sent
+    skipped = replace(inst("1.5", 3), skip_reason="LOCALIZER")
+    assert db.record_instance(skipped, ["a"], now=at(12))
+    # The same SOP instance under another series: refused, and no row for that series.
+    other = replace(inst("1.5", 1), series_instance_uid="1.6")
+    assert not db.record_instance(other, ["a"], now=at(30))
+    rows = _series_rows(db)
+    assert set(rows) == {"1.5"}
+    assert rows["1.5"] == (3, 1, at(12), "receiving")
+    (job,) = db.list_jobs()
+    assert job.state == JobState.RECEIVING and job.source_instances == 2
+
+    # A series of skipped instances only is ignored; it opens a job once one counts.
+    db.record_instance(replace(inst("1.7", 1), skip_reason="x"), ["a"])
+    assert _series_rows(db)["1.7"][3] == "ignored" and len(db.list_jobs()) == 1
+
+    # A new instance after the job is done re-opens it (the ORM on intake's connection).
+    (job_id,) = db.promote_stable_series(at(100), stable_seconds=30)
+    db.claim_next_job("w1", now=at(101))
+    db.finish_processing(job_id, "2.25.1", "/out", 2, [], now=at(110))
+    assert db.get_job(job_id).state == JobState.DONE
+    assert db.record_instance(inst("1.5", 4), ["a", "b"], now=at(200))
+    jobs = {j.profile: j for j in db.list_jobs() if j.series_instance_uid == "1.5"}
+    assert jobs["a"].state == JobState.RECEIVING and jobs["a"].source_instances == 3
+    assert jobs["b"].state == JobState.RECEIVING  # a profile added since: its job is made
+    assert _series_rows(db)["1.5"][2] == at(200)

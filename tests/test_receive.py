@@ -14,9 +14,11 @@ import pynetdicom
 import pytest
 from _dicom_util import HAVE_DCMTK, compress, make_ct_series
 from _net_util import (
+    DCMTK_ENV,
     LOOPBACK,
     dataset_bytes,
     dcmtk,
+    dcmtk_tool,
     make_test_pki,
     needs_dcmtk_net,
     needs_openssl,
@@ -323,7 +325,7 @@ def test_concurrent_associations_all_land(tmp_path: Path) -> None:
         procs = [
             subprocess.Popen(
                 [
-                    "storescu",
+                    dcmtk_tool("storescu") or "storescu",
                     "-aec",
                     node.ae_title,
                     "-to",
@@ -334,6 +336,7 @@ def test_concurrent_associations_all_land(tmp_path: Path) -> None:
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=DCMTK_ENV,
             )
             for files in series
         ]

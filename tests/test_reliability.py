@@ -24,7 +24,15 @@ from typing import Any
 import pydicom
 import pytest
 from _dicom_util import make_ct_series
-from _net_util import LOOPBACK, free_port, node_settings, running_receiver, scu_association
+from _net_util import (
+    DCMTK_ENV,
+    LOOPBACK,
+    dcmtk_tool,
+    free_port,
+    node_settings,
+    running_receiver,
+    scu_association,
+)
 from _node_util import Serve, cli, needs_storescp, serving, wait_for, write_config
 from _pacs_util import recording_pacs
 from pydicom.uid import UID
@@ -243,7 +251,7 @@ def test_four_senders_at_once_each_100_slices_all_processed_and_delivered(
         senders = [
             subprocess.Popen(
                 [
-                    "storescu",
+                    dcmtk_tool("storescu") or "storescu",
                     "-aet",
                     f"MODALITY{k}",
                     "-aec",
@@ -261,6 +269,7 @@ def test_four_senders_at_once_each_100_slices_all_processed_and_delivered(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env=DCMTK_ENV,
             )
             for k, files in enumerate(series)
         ]

@@ -8,8 +8,9 @@ in the job database, so a success status means nothing can be lost::
     header parses (no pixel decoding)?      no -> 0xC210
     SOP/Series/Study UIDs present?          no -> 0xC212
     SOP class/instance match the request?   no -> 0xA900 / 0xC213
-    already recorded (same SOP UID)?        yes -> 0x0000 (idempotent, nothing written)
-    spool.store_bytes(bytes as received) -> db.record_instance -> 0x0000
+    spool.store_bytes(bytes as received)    (an existing file is kept, nothing written)
+    db.record_instance                      already recorded (same SOP UID)? -> 0x0000
+                                            (idempotent) else recorded -> 0x0000
 
 The bytes are stored exactly as received (file meta built from the negotiated
 presentation context + the dataset bytes), whatever the transfer syntax; decoding
@@ -285,10 +286,6 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
     if sop_uid != requested_uid:
         raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
 
-    if ctx.db.instance_path(sop_uid) is not None:
-        logger.debug("duplicate SOP instance %s (series %s)", sop_uid, series_uid)
-        return SUCCESS, "duplicate"
-
     skip_reason = processing_skip_reason(ds, ctx.settings.series)
     calling_aet = str(event.assoc.requestor.ae_title).strip()
     profiles = ctx.profiles
@@ -319,11 +316,14 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
         size_bytes=len(data),
     )
     if not ctx.db.record_instance(record, profiles):
-        # Lost a race with a concurrent copy of the same instance: the first one wins,
-        # and a copy filed under another series must not linger unreferenced.
+        # Already recorded (a re-send, or a concurrent copy that won): the first one is
+        # kept, and a copy filed under another series must not linger unreferenced.
+        # There is no lookup before the write: the insert is the duplicate check, and
+        # the spool keeps an existing file (nothing written for a same-series re-send).
         known = ctx.db.instance_path(sop_uid)
         if known is not None and known != path:
             ctx.spool.purge_paths([path])
+        logger.debug("duplicate SOP instance %s (series %s)", sop_uid, series_uid)
         return SUCCESS, "duplicate"
     logger.debug(
         "stored SOP instance %s series %s%s",
