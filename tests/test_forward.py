@@ -66,6 +66,47 @@ def test_send_series_delivers_every_instance(tmp_path: Path) -> None:
     assert {ds.SOPInstanceUID for ds in received} == sent
 
 
+def test_files_go_out_as_stored_without_being_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the peer accepts a file's own transfer syntax its dataset bytes are streamed
+    from disk: the peer gets them byte for byte and nothing decodes the pixel data."""
+    import ldct_node.service.forward as forward
+
+    files = make_ct_series(tmp_path, n=3, size=16)
+    full_reads: list[Path] = []
+    real_dcmread = forward.dcmread
+
+    def counting_dcmread(path: Path, **kwargs: object) -> pydicom.Dataset:
+        if not kwargs.get("stop_before_pixels"):
+            full_reads.append(path)
+        return real_dcmread(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forward, "dcmread", counting_dcmread)
+    received: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        request = event.request
+        received[str(request.AffectedSOPInstanceUID)] = request.DataSet.getvalue()  # type: ignore[union-attr]
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    server = ae.start_server((LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    try:
+        result = send_series(files, dest(int(server.server_address[1])), calling_ae_title="LDCT")
+    finally:
+        server.shutdown()
+    assert result.ok, result.error
+    assert full_reads == []
+    for path in files:
+        raw = path.read_bytes()
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert raw.endswith(received[str(ds.SOPInstanceUID)])  # the file's dataset bytes
+        assert len(received[str(ds.SOPInstanceUID)]) > 16 * 16 * 2
+
+
 @needs_storescp
 def test_send_series_to_a_peer_that_only_takes_implicit_vr(tmp_path: Path) -> None:
     # The derived files are explicit VR; offering implicit VR too lets any SCP take them.
