@@ -397,8 +397,7 @@ def send_series(
             return SendResult(False, 0, total, _no_association(attempt, destination))
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         as_stored = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in assoc.accepted_contexts
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         }
         missing = [c for c in classes if c not in accepted]
         if missing:
