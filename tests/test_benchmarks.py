@@ -86,6 +86,20 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 @needs_dcmtk
+def test_forward_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _load("forward").main(
+        ["--images", "4", "--size", "64", "--repeats", "1", "--workdir", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    assert "ratio node_vs_storescu_to_storescp" in printed and "TCP_NODELAY=1" in printed
+    receivers = ["storescp", *(["orthanc"] if _load("_common").ORTHANC_BIN else [])]
+    for receiver in receivers:
+        for sender in ("storescu", "ldct-node"):
+            assert result["images_per_s"][f"{sender} -> {receiver}"] > 0
+    assert set(result["ratios"]) == {f"node_vs_storescu_to_{r}" for r in receivers}
+
+
+@needs_dcmtk
 def test_e2e_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = _load("e2e").main(
         [
