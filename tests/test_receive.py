@@ -373,3 +373,57 @@ def test_unloadable_tls_files_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"security\.tls_cert"):
         receive.build_ssl_context(settings)
     assert receive.build_ssl_context(node_settings(tmp_path)) is None
+
+
+def _explicit_part10(extra: bytes) -> bytes:
+    """A small explicit VR little endian Part 10 file with raw elements appended."""
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    out = BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue() + extra
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "refused"),
+    [
+        ("Rows (US) of 3 bytes", _element(0x0028, 0x0010, b"US", b"\x01\x02\x03"), True),
+        ("SliceThickness as FD of 3 bytes", _element(0x0018, 0x0050, b"FD", b"\x01\x02\x03"), True),
+        ("an unknown VR", _element(0x0020, 0x0052, b"UF", b"\x01\x02"), True),
+        ("InstanceNumber (IS) 'abc'", _element(0x0020, 0x0013, b"IS", b"abc "), False),
+        (
+            "PatientName with bytes no charset has",
+            _element(0x0010, 0x0010, b"PN", b"\xff\xfe"),
+            False,
+        ),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_header_value_that_cannot_be_decoded_is_refused_before_anything_reads_it(
+    name: str, extra: bytes, refused: bool
+) -> None:
+    """Only text and bytes are left to decode later (they always decode); whatever else
+    fails to decode is answered 0xC210 at once."""
+    data = _explicit_part10(extra)
+    if refused:
+        with pytest.raises(receive._RefusedError) as info:
+            receive._read_header(data)
+        assert info.value.status == receive.CANNOT_UNDERSTAND, name
+    else:
+        ds = receive._read_header(data)
+        assert ds.SOPInstanceUID == "1.2.3.4"
+        for elem in ds:  # and decoding everything later does not fail either
+            _ = elem.value
