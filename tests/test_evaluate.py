@@ -22,7 +22,7 @@ from ldct_node.lab.evaluation import (
     goal_checks,
     load_eval_cases,
 )
-from ldct_node.lab.simulate import simulate_dataset
+from ldct_node.lab.simulation import simulate_dataset
 from ldct_node.model.cascade import Cascade
 
 HAVE_BM3D = importlib.util.find_spec("bm3d") is not None

@@ -10,7 +10,7 @@ import pytest
 
 from ldct_node.lab.evaluation import load_eval_cases, qa_metrics
 from ldct_node.lab.metrics import disc_mask
-from ldct_node.lab.simulate import (
+from ldct_node.lab.simulation import (
     QA_INSERTS,
     QA_LOW_CONTRAST_HU,
     QA_LOW_CONTRAST_MM,

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ldct_node import __version__
 from ldct_node.dicom.io import decode_hu, write_ct_series
-from ldct_node.lab.simulate import (
+from ldct_node.lab.simulation import (
     FILTERS,
     Phantom,
     ScanResult,

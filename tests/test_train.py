@@ -129,7 +129,7 @@ def test_case_ids_are_relative_paths(tmp_path: Path) -> None:
 
 
 def test_simulation_provenance_of_side_by_side_simulations(tmp_path: Path) -> None:
-    from ldct_node.lab.simulate import simulate_dataset
+    from ldct_node.lab.simulation import simulate_dataset
     from ldct_node.lab.train import simulation_provenance
 
     assert simulation_provenance(tmp_path) is None

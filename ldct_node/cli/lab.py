@@ -105,7 +105,7 @@ def simulate(
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with command_errors():
-        from ldct_node.lab.simulate import simulate_dataset
+        from ldct_node.lab.simulation import simulate_dataset
 
         if geometry not in ("parallel", "fan"):
             raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
