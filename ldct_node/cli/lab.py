@@ -105,7 +105,7 @@ def simulate(
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with command_errors():
-        from ldct_node.lab.simulation import simulate_dataset
+        from ldct_node.lab.simulation import SimulationParameters, simulate_dataset
 
         if geometry not in ("parallel", "fan"):
             raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
@@ -113,30 +113,23 @@ def simulate(
             raise UsageError(f"--phantom: expected body, water or qa, got {phantom!r}")
         if not source and (pixel_size is not None or slice_range is not None or slice_step > 1):
             raise UsageError("--pixel-size, --slice-range, --slice-step: only with --source")
-        kwargs: dict[str, Any] = {}
-        if slice_range is not None:
-            kwargs["slice_range"] = _parse_slice_range(slice_range)
-        if i0 is not None:
-            kwargs["i0"] = i0
-        if electronic_noise is not None:
-            kwargs["electronic_noise"] = electronic_noise
-        written = simulate_dataset(
-            output,
+        parameters = SimulationParameters(
             n_cases=cases,
             slices_per_case=slices,
             size=size,
             dose_fraction=dose_fraction,
+            i0=i0,
+            electronic_noise=electronic_noise,
             seed=seed,
-            source_series=source or None,
-            progress=True,
             geometry=geometry,
             phantom_kind=phantom,
-            write_truth_recon=truth_recon,
-            workers=workers,
+            source_series=tuple(source or ()),
             pixel_size_mm=pixel_size,
+            slice_range=None if slice_range is None else _parse_slice_range(slice_range),
             slice_step=slice_step,
-            **kwargs,
+            write_truth_recon=truth_recon,
         )
+        written = simulate_dataset(output, parameters, workers=workers, progress=True)
         out.print(f"wrote {len(written)} cases to {output}")
 
 

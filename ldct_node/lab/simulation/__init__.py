@@ -12,8 +12,9 @@ sinograms are reconstructed by filtered back-projection (FBP).
   and the dose and noise defaults;
 - :mod:`.phantoms`: :func:`make_phantom`, body, water and QA phantoms of known HU;
 - :mod:`.dataset`: :func:`simulate_dataset`, paired series on disk with their
-  ``simulation.json``, built from :mod:`.cases` (phantom patients or source series)
-  and :mod:`.slices` (one slice made, scanned and measured, in worker processes too).
+  ``simulation.json``, as :class:`SimulationParameters` (:mod:`.parameters`) say,
+  built from :mod:`.cases` (phantom patients or source series) and :mod:`.slices`
+  (one slice made, scanned and measured, in worker processes too).
 
 Units: images are HU; lengths are mm; ``mu`` is the linear attenuation in 1/mm.
 """
@@ -29,6 +30,7 @@ from ldct_node.lab.simulation.dataset import (
     low_dose_dir_name,
     simulate_dataset,
 )
+from ldct_node.lab.simulation.parameters import SimulationParameters
 from ldct_node.lab.simulation.phantoms import (
     PHANTOM_KINDS,
     Lesion,
@@ -92,6 +94,7 @@ __all__ = [
     "Phantom",
     "Region",
     "ScanResult",
+    "SimulationParameters",
     "default_electronic_noise",
     "default_i0",
     "default_n_angles",

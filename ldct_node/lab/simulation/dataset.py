@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,14 +20,9 @@ from ldct_node.lab.simulation.cases import (
     phantom_cases,
     source_cases,
 )
-from ldct_node.lab.simulation.phantoms import PHANTOM_KINDS
-from ldct_node.lab.simulation.projector import (
-    DEFAULT_FILTER,
-    FAN_SOURCE_TO_ISO_MM,
-    FILTERS,
-    GEOMETRIES,
-)
-from ldct_node.lab.simulation.scan import MIN_COUNTS, MU_WATER_PER_MM, check_dose_args
+from ldct_node.lab.simulation.parameters import SimulationParameters, positive_int
+from ldct_node.lab.simulation.projector import FAN_SOURCE_TO_ISO_MM
+from ldct_node.lab.simulation.scan import MIN_COUNTS, MU_WATER_PER_MM
 from ldct_node.lab.simulation.slices import SliceResult, slice_results
 
 logger = logging.getLogger(__name__)
@@ -58,27 +53,10 @@ def _check_output_dir(output_dir: Path) -> None:
 
 def simulate_dataset(
     output_dir: Path | str,
+    parameters: SimulationParameters,
     *,
-    n_cases: int,
-    slices_per_case: int | None = None,
-    size: int = 256,
-    dose_fraction: float = 0.25,
-    i0: float | None = None,
-    seed: int = 0,
-    source_series: Sequence[Path | str] | None = None,
-    progress: bool = True,
-    electronic_noise: float | None = None,
-    n_angles: int | None = None,
-    geometry: str = "parallel",
-    filter_name: str = DEFAULT_FILTER,
-    slice_thickness_mm: float = 3.0,
-    phantom_kind: str = "body",
-    resample_sources: bool = False,
-    pixel_size_mm: float | None = None,
-    slice_range: tuple[int, int] | None = None,
-    slice_step: int = 1,
-    write_truth_recon: bool = False,
     workers: int = 1,
+    progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Write paired full-dose / low-dose CT series for training and evaluation.
@@ -95,58 +73,19 @@ def simulate_dataset(
 
     The series of a case share StudyInstanceUID and FrameOfReferenceUID, have
     consecutive slice positions and synthetic patients (``SIM^0001``). UIDs are
-    deterministic in the parameters, and so is every pixel: the same call writes the
-    same data.
+    deterministic in the parameters, and so is every pixel: the same parameters write
+    the same data, with any number of workers.
 
     Parameters
     ----------
     output_dir
         Created if missing; must be empty.
-    n_cases
-        Phantom patients to simulate; with ``source_series``, the most series to use.
-    slices_per_case
-        Slices per phantom case (``slice_thickness_mm`` apart; default 8); with
-        ``source_series``, the most slices taken from the middle of each series (or of
-        ``slice_range``; default 8, or the whole range when one is given).
-    size
-        Phantom image size. Source images keep their own size unless
-        ``resample_sources``.
-    dose_fraction
-        Low-dose count relative to full dose, in (0, 1].
-    i0
-        Full-dose incident photons per ray and view; default
-        :func:`~ldct_node.lab.simulation.scan.default_i0` of the image size (clinical
-        noise levels at any size). The value used is recorded per
-        case in simulation.json, as is the electronic noise.
-    seed
-        Seeds the anatomy (per case) and the noise (per slice).
-    source_series
-        Folders (or files) of normal-dose CT series to use as truth instead of phantoms;
-        every CT series found is one case. Their noise is kept: the accepted practice.
-    progress
-        Show a rich progress bar over all slices.
-    electronic_noise, n_angles, geometry, filter_name
-        As in :func:`~ldct_node.lab.simulation.scan.simulate_scan`.
-    slice_thickness_mm
-        Slice spacing of phantom cases.
-    phantom_kind
-        ``"body"``, ``"water"`` or ``"qa"`` (see
-        :func:`~ldct_node.lab.simulation.phantoms.make_phantom`).
-    resample_sources
-        Resample source images to ``size`` x ``size`` (after padding to square).
-    pixel_size_mm
-        Resample source images to this pixel size and centre them on a ``size`` x
-        ``size`` canvas (air around, or a central crop): clinical sampling such as
-        0.5-0.8 mm at 512 x 512 from any source.
-    slice_range
-        ``(first, last)``, 1-based and inclusive, in slice-position order: the block of
-        each source series to use (training and held-out blocks of one series).
-    slice_step
-        Take every ``slice_step``-th slice of the series (or of ``slice_range``).
-    write_truth_recon
-        Also write the FBP of the noiseless sinogram of each slice.
+    parameters
+        What to simulate, e.g. ``SimulationParameters(n_cases=4, size=128)``.
     workers
         Processes simulating slices in parallel (1 = in this process).
+    progress
+        Show a rich progress bar over all slices.
     on_progress
         Called with (slices done, slices total) after every slice.
 
@@ -155,100 +94,17 @@ def simulate_dataset(
     list[Path]
         The case folders, in order.
     """
-    from ldct_node import __version__
-
-    out = Path(output_dir)
-    counts = [("n_cases", n_cases), ("slice_step", slice_step)]
-    if slices_per_case is not None:
-        counts.append(("slices_per_case", slices_per_case))
-    for name, value in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    if slice_range is not None and (
-        len(slice_range) != 2 or not 1 <= slice_range[0] <= slice_range[1]
-    ):
-        raise ValueError(
-            f"slice_range: must be (first, last) with 1 <= first <= last, got {slice_range!r}"
+    if not isinstance(parameters, SimulationParameters):
+        raise TypeError(
+            f"parameters: expected SimulationParameters, got {type(parameters).__name__}"
         )
-    if pixel_size_mm is not None and not (math.isfinite(pixel_size_mm) and pixel_size_mm > 0):
-        raise ValueError(f"pixel_size_mm: must be > 0, got {pixel_size_mm!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ValueError(f"size: must be an integer >= 16, got {size!r}")
-    check_dose_args(dose_fraction, i0, electronic_noise)
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry: must be one of {GEOMETRIES}, got {geometry!r}")
-    if filter_name not in FILTERS:
-        raise ValueError(f"filter_name: must be one of {FILTERS}, got {filter_name!r}")
-    if n_angles is not None and (n_angles < 4 or (geometry == "fan" and n_angles % 2)):
-        raise ValueError(f"n_angles: must be >= 4 (and even for fan beam), got {n_angles}")
-    if not slice_thickness_mm > 0:
-        raise ValueError(f"slice_thickness_mm: must be > 0, got {slice_thickness_mm}")
-    if phantom_kind not in PHANTOM_KINDS:
-        raise ValueError(f"phantom_kind: must be one of {PHANTOM_KINDS}, got {phantom_kind!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not positive_int(workers):
         raise ValueError(f"workers: must be a positive integer, got {workers!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
-    sources = [Path(s) for s in source_series] if source_series else []
-    if not sources and (pixel_size_mm is not None or slice_range is not None or slice_step > 1):
-        raise ValueError(
-            "pixel_size_mm, slice_range, slice_step: only for source_series (phantoms are "
-            "sampled by size)"
-        )
+    out = Path(output_dir)
     _check_output_dir(out)
-
-    template: dict[str, Any] = {
-        "seed": int(seed),
-        "size": size,
-        "resample_to": size if resample_sources or pixel_size_mm is not None else None,
-        "pixel_size_mm": None if pixel_size_mm is None else float(pixel_size_mm),
-        "dose_fraction": float(dose_fraction),
-        "i0": None if i0 is None else float(i0),
-        "electronic_noise": None if electronic_noise is None else float(electronic_noise),
-        "n_angles": n_angles,
-        "geometry": geometry,
-        "filter_name": filter_name,
-    }
-    if sources:
-        cases = source_cases(sources, n_cases, slices_per_case, template, slice_range, slice_step)
-        if not cases:
-            raise ValueError("source_series: no usable CT series found")
-    else:
-        per_case = slices_per_case or DEFAULT_SLICES_PER_CASE
-        cases = phantom_cases(n_cases, per_case, slice_thickness_mm, phantom_kind, template)
-
-    params: dict[str, Any] = {
-        "generator": "ldct-node simulate",
-        "ldct_node_version": __version__,
-        "seed": int(seed),
-        "n_cases": len(cases),
-        "slices_per_case": slices_per_case,
-        "n_slices": sum(len(c.tasks) for c in cases),
-        "size": size,
-        "dose_fraction": float(dose_fraction),
-        "i0": i0,
-        "i0_default": i0 is None,
-        "electronic_noise": electronic_noise,
-        "n_angles": n_angles,
-        "geometry": geometry,
-        "filter_name": filter_name,
-        "mu_water_per_mm": MU_WATER_PER_MM,
-        "min_counts": MIN_COUNTS,
-        "fan_source_to_iso_mm": FAN_SOURCE_TO_ISO_MM if geometry == "fan" else None,
-        "slice_thickness_mm": slice_thickness_mm if not sources else None,
-        "phantom_kind": phantom_kind if not sources else None,
-        "source_series": [str(s) for s in sources],
-        "resample_sources": resample_sources,
-        "pixel_size_mm": pixel_size_mm,
-        "slice_range": list(slice_range) if slice_range is not None else None,
-        "slice_step": slice_step,
-        "folders": {
-            "full_dose": FULL_DOSE_DIR,
-            "low_dose": low_dose_dir_name(dose_fraction),
-            "truth": TRUTH_DIR,
-            "truth_recon": TRUTH_RECON_DIR if write_truth_recon else None,
-        },
-    }
+    p = parameters
+    cases = _cases(p)
+    params = _recorded_parameters(p, cases)
     # UIDs are derived from the parameters: same call, same UIDs; other call, others.
     run_key = json.dumps(params, sort_keys=True)
     total = params["n_slices"]
@@ -257,7 +113,7 @@ def simulate_dataset(
         "simulating %d case(s), %d slice(s), dose fraction %g, into %s",
         len(cases),
         total,
-        dose_fraction,
+        p.dose_fraction,
         out,
     )
 
@@ -285,6 +141,76 @@ def simulate_dataset(
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     logger.info("wrote %d case(s) to %s", len(case_dirs), out)
     return case_dirs
+
+
+def _cases(p: SimulationParameters) -> list[Case]:
+    """The cases to simulate: one per source series, else ``n_cases`` phantoms."""
+    # What every slice task shares (see SliceTask).
+    template: dict[str, Any] = {
+        "seed": int(p.seed),
+        "size": p.size,
+        "resample_to": p.size if p.resample_sources or p.pixel_size_mm is not None else None,
+        "pixel_size_mm": None if p.pixel_size_mm is None else float(p.pixel_size_mm),
+        "dose_fraction": float(p.dose_fraction),
+        "i0": None if p.i0 is None else float(p.i0),
+        "electronic_noise": None if p.electronic_noise is None else float(p.electronic_noise),
+        "n_angles": p.n_angles,
+        "geometry": p.geometry,
+        "filter_name": p.filter_name,
+    }
+    if p.source_series:
+        cases = source_cases(
+            p.source_series,
+            p.n_cases,
+            p.slices_per_case,
+            template,
+            p.slice_range,
+            p.slice_step,
+        )
+        if not cases:
+            raise ValueError("source_series: no usable CT series found")
+        return cases
+    per_case = p.slices_per_case or DEFAULT_SLICES_PER_CASE
+    return phantom_cases(p.n_cases, per_case, p.slice_thickness_mm, p.phantom_kind, template)
+
+
+def _recorded_parameters(p: SimulationParameters, cases: list[Case]) -> dict[str, Any]:
+    """What simulation.json records of the run (before its cases); the UIDs hash it."""
+    from ldct_node import __version__
+
+    sources = p.source_series
+    return {
+        "generator": "ldct-node simulate",
+        "ldct_node_version": __version__,
+        "seed": int(p.seed),
+        "n_cases": len(cases),
+        "slices_per_case": p.slices_per_case,
+        "n_slices": sum(len(c.tasks) for c in cases),
+        "size": p.size,
+        "dose_fraction": float(p.dose_fraction),
+        "i0": p.i0,
+        "i0_default": p.i0 is None,
+        "electronic_noise": p.electronic_noise,
+        "n_angles": p.n_angles,
+        "geometry": p.geometry,
+        "filter_name": p.filter_name,
+        "mu_water_per_mm": MU_WATER_PER_MM,
+        "min_counts": MIN_COUNTS,
+        "fan_source_to_iso_mm": FAN_SOURCE_TO_ISO_MM if p.geometry == "fan" else None,
+        "slice_thickness_mm": p.slice_thickness_mm if not sources else None,
+        "phantom_kind": p.phantom_kind if not sources else None,
+        "source_series": [str(s) for s in sources],
+        "resample_sources": p.resample_sources,
+        "pixel_size_mm": p.pixel_size_mm,
+        "slice_range": list(p.slice_range) if p.slice_range is not None else None,
+        "slice_step": p.slice_step,
+        "folders": {
+            "full_dose": FULL_DOSE_DIR,
+            "low_dose": low_dose_dir_name(p.dose_fraction),
+            "truth": TRUTH_DIR,
+            "truth_recon": TRUTH_RECON_DIR if p.write_truth_recon else None,
+        },
+    }
 
 
 @contextmanager
