@@ -28,10 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ldct_node.choices import Geometry
+
 logger = logging.getLogger(__name__)
 
-#: Scanner geometries: parallel beam, or fan beam rebinned to parallel rays.
-GEOMETRIES = ("parallel", "fan")
+#: Scanner geometries (:class:`~ldct_node.choices.Geometry`): parallel beam, or fan
+#: beam rebinned to parallel rays.
+GEOMETRIES = tuple(g.value for g in Geometry)
 #: Ramp windows of :func:`fbp`.
 FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 #: Reconstruction filter: ramp with a Hamming window, close to a clinical "standard"

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from ldct_node.choices import PhantomKind
 from ldct_node.lab.simulation.phantoms.body import body_phantom
 from ldct_node.lab.simulation.phantoms.objects import Lesion, Phantom, Region
 from ldct_node.lab.simulation.phantoms.qa import qa_phantom
@@ -19,8 +20,8 @@ from ldct_node.lab.simulation.phantoms.water import water_phantom
 
 logger = logging.getLogger(__name__)
 
-#: The kinds of :func:`make_phantom`.
-PHANTOM_KINDS = ("body", "water", "qa")
+#: The kinds of :func:`make_phantom` (:class:`~ldct_node.choices.PhantomKind`).
+PHANTOM_KINDS = tuple(k.value for k in PhantomKind)
 
 __all__ = [
     "PHANTOM_KINDS",
