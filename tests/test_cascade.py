@@ -100,7 +100,7 @@ def test_manifest_errors(untrained_weights: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["water", "body"])
 def test_bundled_weights_lower_noise_on_held_out_simulated_slices(kind: str) -> None:
     """Quarter-dose slices the training never saw (another seed): noise and error drop."""
-    from ldct_node.lab.simulate import make_phantom, simulate_scan
+    from ldct_node.lab.simulation import make_phantom, simulate_scan
 
     rng = np.random.default_rng(424242)
     phantom = make_phantom(256, rng, kind=kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ldct_node.lab.evaluation import (
     goal_checks,
     load_eval_cases,
 )
-from ldct_node.lab.simulate import simulate_dataset
+from ldct_node.lab.simulation import SimulationParameters, simulate_dataset
 from ldct_node.model.cascade import Cascade
 
 HAVE_BM3D = importlib.util.find_spec("bm3d") is not None
@@ -32,9 +33,11 @@ HAVE_BM3D = importlib.util.find_spec("bm3d") is not None
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A held-out set: one anatomy case (64 px) and one QA-phantom case (256 px)."""
     root = tmp_path_factory.mktemp("heldout")
-    common = {"n_cases": 1, "seed": 21, "write_truth_recon": True, "progress": False}
-    simulate_dataset(root / "body", slices_per_case=2, size=64, **common)
-    simulate_dataset(root / "qa", slices_per_case=1, size=256, phantom_kind="qa", **common)
+    common = SimulationParameters(n_cases=1, seed=21, write_truth_recon=True)
+    body = replace(common, slices_per_case=2, size=64)
+    qa = replace(common, slices_per_case=1, size=256, phantom_kind="qa")
+    simulate_dataset(root / "body", body, progress=False)
+    simulate_dataset(root / "qa", qa, progress=False)
     return root
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from ldct_node.lab.evaluation import load_eval_cases, qa_metrics
 from ldct_node.lab.metrics import disc_mask
-from ldct_node.lab.simulate import (
+from ldct_node.lab.simulation import (
     QA_INSERTS,
     QA_LOW_CONTRAST_HU,
     QA_LOW_CONTRAST_MM,
+    SimulationParameters,
     make_phantom,
     simulate_dataset,
 )
@@ -58,16 +59,15 @@ def test_qa_phantom_objects_have_their_nominal_hu() -> None:
 
 def test_simulated_qa_scans_give_measurable_quality(tmp_path: Path) -> None:
     data = tmp_path / "qa"
-    simulate_dataset(
-        data,
+    parameters = SimulationParameters(
         n_cases=1,
         slices_per_case=2,
         size=256,  # clinical pixels (~1 mm): a 12 mm insert is 11 pixels across
         seed=4,
         phantom_kind="qa",
         write_truth_recon=True,
-        progress=False,
     )
+    simulate_dataset(data, parameters, progress=False)
     record = json.loads((data / "simulation.json").read_text())["cases"][0]
     assert record["source"] == "phantom:qa" and len(record["slices"]) == 2
     kinds = {r["kind"] for r in record["slices"][0]["regions"]}

@@ -15,10 +15,11 @@ from scipy import ndimage
 
 from ldct_node import __version__
 from ldct_node.dicom.io import decode_hu, write_ct_series
-from ldct_node.lab.simulate import (
+from ldct_node.lab.simulation import (
     FILTERS,
     Phantom,
     ScanResult,
+    SimulationParameters,
     default_i0,
     default_n_angles,
     fbp,
@@ -417,12 +418,10 @@ def test_dataset_layout_tags_and_pixels(tmp_path: Path) -> None:
     out = tmp_path / "sim"
     cases = simulate_dataset(
         out,
-        n_cases=2,
-        slices_per_case=2,
-        size=64,
-        seed=11,
+        SimulationParameters(
+            n_cases=2, slices_per_case=2, size=64, seed=11, write_truth_recon=True
+        ),
         progress=False,
-        write_truth_recon=True,
     )
     assert cases == [out / "sim0001", out / "sim0002"]
     manifest = json.loads((out / "simulation.json").read_text())
@@ -475,20 +474,24 @@ def test_dataset_layout_tags_and_pixels(tmp_path: Path) -> None:
 
 
 def test_dataset_is_reproducible_and_checks_its_folder(tmp_path: Path) -> None:
-    args = {"n_cases": 1, "slices_per_case": 2, "size": 32, "seed": 3, "progress": False}
-    simulate_dataset(tmp_path / "a", dose_fraction=0.1, **args)
-    simulate_dataset(tmp_path / "b", dose_fraction=0.1, **args)
+    args = {"n_cases": 1, "slices_per_case": 2, "size": 32, "seed": 3}
+    simulate_dataset(
+        tmp_path / "a", SimulationParameters(dose_fraction=0.1, **args), progress=False
+    )
+    simulate_dataset(
+        tmp_path / "b", SimulationParameters(dose_fraction=0.1, **args), progress=False
+    )
     for folder in ("full_dose", "low_dose_10", "truth"):
         da, va = _read_series(tmp_path / "a" / "sim0001" / folder)
         db, vb = _read_series(tmp_path / "b" / "sim0001" / folder)
         np.testing.assert_array_equal(va, vb)
         assert [d.SOPInstanceUID for d in da] == [d.SOPInstanceUID for d in db]
     with pytest.raises(ValueError, match="output_dir"):
-        simulate_dataset(tmp_path / "a", **args)
+        simulate_dataset(tmp_path / "a", SimulationParameters(**args), progress=False)
     with pytest.raises(ValueError, match="n_cases"):
-        simulate_dataset(tmp_path / "c", **{**args, "n_cases": 0})
+        simulate_dataset(tmp_path / "c", SimulationParameters(**{**args, "n_cases": 0}))
     with pytest.raises(ValueError, match="geometry"):
-        simulate_dataset(tmp_path / "c", geometry="helical", **args)
+        simulate_dataset(tmp_path / "c", SimulationParameters(geometry="helical", **args))
 
 
 def test_low_dose_folder_names() -> None:
@@ -522,9 +525,8 @@ def test_dataset_from_source_series_keeps_their_geometry(tmp_path: Path) -> None
         start_z_mm=-40.0,
     )
     out = tmp_path / "pairs"
-    cases = simulate_dataset(
-        out, n_cases=5, slices_per_case=2, seed=1, source_series=[source], progress=False
-    )
+    parameters = SimulationParameters(n_cases=5, slices_per_case=2, seed=1, source_series=(source,))
+    cases = simulate_dataset(out, parameters, progress=False)
     assert len(cases) == 1
     truth_ds, truth = _read_series(cases[0] / "truth")
     _, full = _read_series(cases[0] / "full_dose")
@@ -542,9 +544,9 @@ def test_dataset_from_source_series_keeps_their_geometry(tmp_path: Path) -> None
 
 
 def test_dataset_with_worker_processes_matches_in_process(tmp_path: Path) -> None:
-    args = {"n_cases": 1, "slices_per_case": 2, "size": 32, "seed": 4, "progress": False}
-    simulate_dataset(tmp_path / "one", workers=1, **args)
-    simulate_dataset(tmp_path / "two", workers=2, **args)
+    parameters = SimulationParameters(n_cases=1, slices_per_case=2, size=32, seed=4)
+    simulate_dataset(tmp_path / "one", parameters, workers=1, progress=False)
+    simulate_dataset(tmp_path / "two", parameters, workers=2, progress=False)
     _, one = _read_series(tmp_path / "one" / "sim0001" / "quarter_dose")
     _, two = _read_series(tmp_path / "two" / "sim0001" / "quarter_dose")
     np.testing.assert_array_equal(one, two)
@@ -576,11 +578,9 @@ def test_source_slice_range_step_and_positions(tmp_path: Path) -> None:
     out = tmp_path / "pairs"
     simulate_dataset(
         out,
-        n_cases=1,
-        seed=1,
-        source_series=[tmp_path / "ndct"],
-        slice_range=(3, 9),
-        slice_step=3,
+        SimulationParameters(
+            n_cases=1, seed=1, source_series=(tmp_path / "ndct",), slice_range=(3, 9), slice_step=3
+        ),
         progress=False,
     )
     truth_ds, truth = _read_series(out / "sim0001" / "truth")
@@ -596,24 +596,27 @@ def test_source_slice_range_step_and_positions(tmp_path: Path) -> None:
     # --slices caps a range from its middle
     simulate_dataset(
         tmp_path / "capped",
-        n_cases=1,
-        slices_per_case=2,
-        source_series=[tmp_path / "ndct"],
-        slice_range=(1, 10),
+        SimulationParameters(
+            n_cases=1, slices_per_case=2, source_series=(tmp_path / "ndct",), slice_range=(1, 10)
+        ),
         progress=False,
     )
     capped = json.loads((tmp_path / "capped" / "simulation.json").read_text())["cases"][0]
     assert [s["index"] for s in capped["source_slices"]] == [5, 6]
     with pytest.raises(ValueError, match="slice_range: 5:11 is past the 10 slices"):
         simulate_dataset(
-            tmp_path / "past", n_cases=1, source_series=[tmp_path / "ndct"], slice_range=(5, 11)
+            tmp_path / "past",
+            SimulationParameters(
+                n_cases=1, source_series=(tmp_path / "ndct",), slice_range=(5, 11)
+            ),
         )
     with pytest.raises(ValueError, match="slice_range"):
         simulate_dataset(
-            tmp_path / "bad", n_cases=1, source_series=[tmp_path / "ndct"], slice_range=(4, 2)
+            tmp_path / "bad",
+            SimulationParameters(n_cases=1, source_series=(tmp_path / "ndct",), slice_range=(4, 2)),
         )
     with pytest.raises(ValueError, match="only for source_series"):
-        simulate_dataset(tmp_path / "phantom", n_cases=1, slice_range=(1, 2))
+        simulate_dataset(tmp_path / "phantom", SimulationParameters(n_cases=1, slice_range=(1, 2)))
 
 
 def test_source_resampled_to_a_pixel_size_keeps_the_anatomy_in_mm(tmp_path: Path) -> None:
@@ -623,10 +626,9 @@ def test_source_resampled_to_a_pixel_size_keeps_the_anatomy_in_mm(tmp_path: Path
     out = tmp_path / "pairs"
     simulate_dataset(
         out,
-        n_cases=1,
-        size=96,
-        pixel_size_mm=0.5,
-        source_series=[tmp_path / "ndct"],
+        SimulationParameters(
+            n_cases=1, size=96, pixel_size_mm=0.5, source_series=(tmp_path / "ndct",)
+        ),
         progress=False,
     )
     truth_ds, truth = _read_series(out / "sim0001" / "truth")
@@ -642,15 +644,15 @@ def test_source_resampled_to_a_pixel_size_keeps_the_anatomy_in_mm(tmp_path: Path
     # A pixel size that does not fit the canvas is cropped centrally.
     simulate_dataset(
         tmp_path / "crop",
-        n_cases=1,
-        size=32,
-        pixel_size_mm=0.5,
-        source_series=[tmp_path / "ndct"],
+        SimulationParameters(
+            n_cases=1, size=32, pixel_size_mm=0.5, source_series=(tmp_path / "ndct",)
+        ),
         progress=False,
     )
     _, cropped = _read_series(tmp_path / "crop" / "sim0001" / "truth")
     assert cropped.shape == (2, 32, 32)
     with pytest.raises(ValueError, match="pixel_size_mm"):
         simulate_dataset(
-            tmp_path / "zero", n_cases=1, pixel_size_mm=0.0, source_series=[tmp_path / "ndct"]
+            tmp_path / "zero",
+            SimulationParameters(n_cases=1, pixel_size_mm=0.0, source_series=(tmp_path / "ndct",)),
         )

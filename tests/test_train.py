@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +130,13 @@ def test_case_ids_are_relative_paths(tmp_path: Path) -> None:
 
 
 def test_simulation_provenance_of_side_by_side_simulations(tmp_path: Path) -> None:
-    from ldct_node.lab.simulate import simulate_dataset
+    from ldct_node.lab.simulation import SimulationParameters, simulate_dataset
     from ldct_node.lab.train import simulation_provenance
 
     assert simulation_provenance(tmp_path) is None
-    common = {"n_cases": 1, "slices_per_case": 1, "size": 64, "progress": False}
-    simulate_dataset(tmp_path / "body", seed=1, **common)  # type: ignore[arg-type]
-    simulate_dataset(tmp_path / "qa", seed=2, phantom_kind="qa", **common)  # type: ignore[arg-type]
+    common = SimulationParameters(n_cases=1, slices_per_case=1, size=64)
+    simulate_dataset(tmp_path / "body", replace(common, seed=1), progress=False)
+    simulate_dataset(tmp_path / "qa", replace(common, seed=2, phantom_kind="qa"), progress=False)
     both = simulation_provenance(tmp_path)
     assert both is not None and sorted(both) == ["body", "qa"]
     assert both["qa"]["phantom_kind"] == "qa" and both["body"]["seed"] == 1

@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -67,6 +68,46 @@ def fail(message: str, code: int) -> NoReturn:
     # Messages quote paths and names, which may hold [brackets]: never read them as markup.
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+ChoiceT = TypeVar("ChoiceT", bound=StrEnum)
+
+
+def choice(
+    enum_type: type[ChoiceT], option: str, *, listing: Literal["one of", "or"] = "one of"
+) -> Callable[[str], ChoiceT]:
+    """A typer ``parser`` that reads ``option``'s value into a member of ``enum_type``.
+
+    ``--help`` lists the members. A value that is none of them is bad usage: one line
+    (``--role: expected one of all, receiver, worker, got 'x'``, or with ``listing="or"``
+    ``--geometry: expected parallel or fan, got 'x'``) and exit status 2, where typer's
+    own check would print a box.
+    """
+    values = [member.value for member in enum_type]
+    if listing == "or" and len(values) > 1:
+        expected = f"{', '.join(values[:-1])} or {values[-1]}"
+    else:
+        expected = f"one of {', '.join(values)}"
+
+    def parse(value: str) -> ChoiceT:
+        try:
+            return enum_type(value)
+        except ValueError:
+            fail(f"{option}: expected {expected}, got {value!r}", 2)
+
+    return parse
+
+
+def choice_option(
+    enum_type: type[StrEnum],
+    option: str,
+    *,
+    help: str,
+    listing: Literal["one of", "or"] = "one of",
+) -> Any:
+    """The typer option ``option`` whose values are the members of ``enum_type``: annotate
+    the parameter with the enum and this (see :func:`choice`)."""
+    return typer.Option(option, parser=choice(enum_type, option, listing=listing), help=help)
 
 
 @contextmanager

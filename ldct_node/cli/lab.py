@@ -15,10 +15,12 @@ import typer
 if TYPE_CHECKING:
     pass
 
+from ldct_node.choices import Geometry, LrSchedule, Method, PerceptualNorm, PhantomKind
 from ldct_node.cli.common import (
     ConfigOption,
     UsageError,
     app,
+    choice_option,
     command_errors,
     default_weights_dir,
     out,
@@ -70,15 +72,21 @@ def simulate(
         typer.Option("--source", help="NDCT DICOM series folders to use instead of phantoms."),
     ] = None,
     geometry: Annotated[
-        str, typer.Option("--geometry", help="Scanner geometry: parallel or fan.")
-    ] = "parallel",
+        Geometry,
+        choice_option(
+            Geometry, "--geometry", listing="or", help="Scanner geometry: parallel or fan."
+        ),
+    ] = Geometry.PARALLEL,
     electronic_noise: Annotated[
         float | None,
         typer.Option("--electronic-noise", min=0.0, help="Electronic noise std in counts."),
     ] = None,
     phantom: Annotated[
-        str, typer.Option("--phantom", help="Procedural phantom: body, water or qa.")
-    ] = "body",
+        PhantomKind,
+        choice_option(
+            PhantomKind, "--phantom", listing="or", help="Procedural phantom: body, water or qa."
+        ),
+    ] = PhantomKind.BODY,
     truth_recon: Annotated[
         bool,
         typer.Option("--truth-recon", help="Also write the noiseless reconstruction."),
@@ -105,38 +113,27 @@ def simulate(
 ) -> None:
     """Make paired LDCT/NDCT training series by projection-domain simulation."""
     with command_errors():
-        from ldct_node.lab.simulate import simulate_dataset
+        from ldct_node.lab.simulation import SimulationParameters, simulate_dataset
 
-        if geometry not in ("parallel", "fan"):
-            raise UsageError(f"--geometry: expected parallel or fan, got {geometry!r}")
-        if phantom not in ("body", "water", "qa"):
-            raise UsageError(f"--phantom: expected body, water or qa, got {phantom!r}")
         if not source and (pixel_size is not None or slice_range is not None or slice_step > 1):
             raise UsageError("--pixel-size, --slice-range, --slice-step: only with --source")
-        kwargs: dict[str, Any] = {}
-        if slice_range is not None:
-            kwargs["slice_range"] = _parse_slice_range(slice_range)
-        if i0 is not None:
-            kwargs["i0"] = i0
-        if electronic_noise is not None:
-            kwargs["electronic_noise"] = electronic_noise
-        written = simulate_dataset(
-            output,
+        parameters = SimulationParameters(
             n_cases=cases,
             slices_per_case=slices,
             size=size,
             dose_fraction=dose_fraction,
+            i0=i0,
+            electronic_noise=electronic_noise,
             seed=seed,
-            source_series=source or None,
-            progress=True,
             geometry=geometry,
             phantom_kind=phantom,
-            write_truth_recon=truth_recon,
-            workers=workers,
+            source_series=tuple(source or ()),
             pixel_size_mm=pixel_size,
+            slice_range=None if slice_range is None else _parse_slice_range(slice_range),
             slice_step=slice_step,
-            **kwargs,
+            write_truth_recon=truth_recon,
         )
+        written = simulate_dataset(output, parameters, workers=workers, progress=True)
         out.print(f"wrote {len(written)} cases to {output}")
 
 
@@ -168,12 +165,13 @@ def train(
     ] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     method: Annotated[
-        str,
-        typer.Option(
+        Method,
+        choice_option(
+            Method,
             "--method",
             help="C (the cascade), or a comparison method: A, B, D, C-cnn10, D-cnn10.",
         ),
-    ] = "C",
+    ] = Method.C,
     reuse_from: Annotated[
         Path | None,
         typer.Option(
@@ -190,19 +188,21 @@ def train(
         ),
     ] = None,
     perceptual_norm: Annotated[
-        str,
-        typer.Option(
+        PerceptualNorm,
+        choice_option(
+            PerceptualNorm,
             "--perceptual-norm",
             help="none (the literal VGG term) or calibrated (in MSE units of the pairs).",
         ),
-    ] = "none",
+    ] = PerceptualNorm.NONE,
     lr_schedule: Annotated[
-        str,
-        typer.Option(
+        LrSchedule,
+        choice_option(
+            LrSchedule,
             "--lr-schedule",
             help="constant (the paper's) or cosine (decays to 1% over each stage).",
         ),
-    ] = "constant",
+    ] = LrSchedule.CONSTANT,
     distributed: Annotated[
         bool,
         typer.Option(
@@ -214,25 +214,13 @@ def train(
 ) -> None:
     """Train both networks of the cascade (or a comparison method) and write weights."""
     with command_errors():
-        from ldct_node.lab.losses import PERCEPTUAL_NORMS
-        from ldct_node.lab.train import LR_SCHEDULES, METHODS, TrainOptions
+        from ldct_node.lab.train import TrainOptions
         from ldct_node.lab.train import train as run_training
 
         if vgg_weights != "imagenet" and not Path(vgg_weights).is_file():
             raise UsageError(f"--vgg-weights: {vgg_weights} is not a file (or use 'imagenet')")
         if not data.is_dir():
             raise UsageError(f"--data: {data} is not a directory")
-        if method not in METHODS:
-            raise UsageError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise UsageError(
-                f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
-            )
-        if perceptual_norm not in PERCEPTUAL_NORMS:
-            raise UsageError(
-                f"--perceptual-norm: expected one of {', '.join(PERCEPTUAL_NORMS)}, "
-                f"got {perceptual_norm!r}"
-            )
         if init_from is not None and not (init_from / "MANIFEST.json").is_file():
             raise UsageError(f"--init-from: {init_from} has no MANIFEST.json")
         manifest = run_training(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ldct_node import __version__
+from ldct_node.choices import Role
 from ldct_node.config import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ from ldct_node.cli.common import (
     JsonOption,
     UsageError,
     app,
+    choice_option,
     command_errors,
     config_app,
     db_app,
@@ -160,14 +162,15 @@ def _short(text: str | None, limit: int = 90) -> str:
 def serve(
     config: ConfigOption = None,
     role: Annotated[
-        str,
-        typer.Option(
+        Role,
+        choice_option(
+            Role,
             "--role",
             help="all: everything in one process; receiver: DICOM receiver + series "
             "stability; worker: denoise + forward. Any number of each may share one "
             "database and spool.",
         ),
-    ] = "all",
+    ] = Role.ALL,
 ) -> None:
     """Run the node: DICOM receiver, scheduler, worker and forwarder in one process.
 
@@ -175,10 +178,7 @@ def serve(
     """
     with command_errors():
         from ldct_node.model.manifest import WeightsError
-        from ldct_node.service.node import ROLES, Node, NodeStartError
-
-        if role not in ROLES:
-            raise UsageError(f"--role: expected one of {', '.join(ROLES)}, got {role!r}")
+        from ldct_node.service.node import Node, NodeStartError
 
         # APScheduler logs every run of every duty at INFO: far too chatty for operators.
         logging.getLogger("apscheduler").setLevel(
@@ -197,7 +197,7 @@ def serve(
                 )
             else:
                 what = f"worker {running.worker_id} ready"
-            role_note = "" if role == "all" else f" (role {role})"
+            role_note = "" if role is Role.ALL else f" (role {role})"
             out.print(
                 f"ldct-node {__version__}: {what}{role_note}; "
                 f"spool {settings.spool_path}; database {db_url}",

@@ -43,6 +43,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from ldct_node.choices import PerceptualNorm
+
 logger = logging.getLogger(__name__)
 
 VGG_FEATURE_LAYERS = ("block1_conv2", "block2_conv2", "block3_conv3", "block4_conv3")
@@ -268,7 +270,7 @@ def make_perceptual_mse_loss(
     )
 
 
-PERCEPTUAL_NORMS = ("none", "calibrated")
+PERCEPTUAL_NORMS = tuple(n.value for n in PerceptualNorm)
 """How the perceptual term is scaled: literal, or in MSE units of the training pairs."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ldct_node import __version__
+from ldct_node.choices import LrSchedule, Method
 from ldct_node.fsutil import replace_durably, write_text_atomic
 from ldct_node.lab.data import (
     PatchSet,
@@ -79,33 +80,33 @@ _DIFFERENCE = StageSpec(
 #: the output of stages 1..k-1. ``perceptual`` stages train for ``epochs_perceptual``
 #: epochs, MSE stages for ``epochs_difference``.
 METHODS: dict[str, tuple[StageSpec, ...]] = {
-    "C": (_PERCEPTUAL, _DIFFERENCE),
-    "A": (_DIFFERENCE,),
-    "B": (_PERCEPTUAL,),
-    "D": (
+    Method.C: (_PERCEPTUAL, _DIFFERENCE),
+    Method.A: (_DIFFERENCE,),
+    Method.B: (_PERCEPTUAL,),
+    Method.D: (
         StageSpec("level1", "drl_difference", "difference", "mse", "drl_level1.weights.h5"),
         StageSpec("level2", "drl_difference", "difference", "mse", "drl_level2.weights.h5"),
     ),
-    "C-cnn10": (
+    Method.C_CNN10: (
         _PERCEPTUAL,
         StageSpec("difference", "cnn10", "difference", "mse", "cnn10_difference.weights.h5"),
     ),
-    "D-cnn10": (
+    Method.D_CNN10: (
         StageSpec("level1", "cnn10", "difference", "mse", "cnn10_level1.weights.h5"),
         StageSpec("level2", "cnn10", "difference", "mse", "cnn10_level2.weights.h5"),
     ),
 }
-METHOD_DESCRIPTIONS = {
-    "C": "cascade: perceptual DRL, then MSE difference DRL (the paper's method)",
-    "A": "single MSE difference DRL",
-    "B": "perceptual DRL alone",
-    "D": "two-level MSE difference cascade of DRLs (Wu et al.)",
-    "C-cnn10": "cascade with CNN10 as the difference predictor",
-    "D-cnn10": "two-level MSE difference cascade of CNN10s (Wu et al.'s networks)",
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    Method.C: "cascade: perceptual DRL, then MSE difference DRL (the paper's method)",
+    Method.A: "single MSE difference DRL",
+    Method.B: "perceptual DRL alone",
+    Method.D: "two-level MSE difference cascade of DRLs (Wu et al.)",
+    Method.C_CNN10: "cascade with CNN10 as the difference predictor",
+    Method.D_CNN10: "two-level MSE difference cascade of CNN10s (Wu et al.'s networks)",
 }
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = tuple(s.value for s in LrSchedule)
 """Learning-rate schedules of :attr:`TrainOptions.lr_schedule`."""
 
 COSINE_FINAL_FRACTION = 0.01

@@ -39,6 +39,7 @@ from types import FrameType
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from ldct_node.choices import Role
 from ldct_node.config import Settings
 from ldct_node.model.cascade import Cascade
 from ldct_node.service.forward import Forwarder
@@ -59,10 +60,10 @@ RECEIVER_STOP_TIMEOUT_S = 10.0
 #: Seconds to wait for the worker to reach a batch boundary at shutdown.
 WORKER_STOP_TIMEOUT_S = 120.0
 #: What each ``serve --role`` runs: (receiver, worker, scheduler duties).
-ROLES: dict[str, tuple[bool, bool, tuple[str, ...]]] = {
-    "all": (True, True, DUTIES),
-    "receiver": (True, False, ("stability", "purge", "stale")),
-    "worker": (False, True, ("forward", "stale")),
+ROLES: dict[Role, tuple[bool, bool, tuple[str, ...]]] = {
+    Role.ALL: (True, True, DUTIES),
+    Role.RECEIVER: (True, False, ("stability", "purge", "stale")),
+    Role.WORKER: (False, True, ("forward", "stale")),
 }
 #: Temporary spool files younger than this may belong to another live process.
 SHARED_TMP_GRACE_S = 3600.0
@@ -91,7 +92,8 @@ class Node:
         Already loaded networks (tests); default: loaded from ``settings.model`` at
         :meth:`start` (worker roles only).
     role
-        ``all``, ``receiver`` or ``worker`` (see :data:`ROLES`).
+        ``all``, ``receiver`` or ``worker`` (a :class:`~ldct_node.choices.Role`; see
+        :data:`ROLES`).
     """
 
     def __init__(
@@ -100,7 +102,7 @@ class Node:
         if role not in ROLES:
             raise ValueError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
         self.settings = settings
-        self.role = role
+        self.role = Role(role)
         self.worker_id = default_worker_id()
         self.migration: UpgradeResult | None = None
         self.cascade = cascade
