@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,9 +22,6 @@ from rich.progress import Progress
 from ldct_node import __version__
 from ldct_node.config import ConfigError, Settings, load_settings
 from ldct_node.progress import make_progress
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)

@@ -8,12 +8,9 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-
-if TYPE_CHECKING:
-    pass
 
 from ldct_node.choices import Geometry, LrSchedule, Method, PerceptualNorm, PhantomKind
 from ldct_node.cli.common import (

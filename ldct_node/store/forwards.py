@@ -5,17 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     or_,
     select,
     update,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 from ldct_node.store.engine import Store
 from ldct_node.store.jobs import DEFAULT_LEASE_SECONDS

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     or_,
@@ -16,10 +16,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import (
     selectinload,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 from ldct_node.store.engine import Store
 from ldct_node.store.models import (

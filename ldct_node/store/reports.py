@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     delete,
@@ -17,10 +16,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import (
     selectinload,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 from ldct_node.store.engine import Store
 from ldct_node.store.models import (
