@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,11 +118,11 @@ def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(untrained_weight
         Cascade.load(untrained_weights, memory_budget_mb=0)
 
 
-_RSS_SCRIPT = textwrap.dedent(
+_MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from ldct_node.model.cascade import Cascade
+    from ldct_node.model.cascade import Cascade, resident_bytes
 
     def peak_mb():
         # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak over into
@@ -134,25 +135,31 @@ _RSS_SCRIPT = textwrap.dedent(
     weights, size, budget = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     cascade = Cascade.load(weights, device="cpu", memory_budget_mb=budget)
     cascade.warm_up()
+    warm_mb = resident_bytes() / 2**20
+    # Calls of several sizes, each whole under the budget: what stays resident after.
+    after_mb = []
+    for side in (200, 300, 400, 200, 300, 400):
+        cascade.denoise(np.random.default_rng(side).normal(40, 30, (side, side)))
+        after_mb.append(resident_bytes() / 2**20)
     before = peak_mb()
     hu = np.random.default_rng(0).normal(40, 30, (size, size)).astype(np.float32)
     out = cascade.denoise(hu)
     assert out.shape == (size, size) and np.isfinite(out).all()
     peak = peak_mb()
-    print(json.dumps({"before_mb": before, "peak_mb": peak,
-                      "per_call": cascade.pixels_per_call(hu.size)}))
+    print(json.dumps({"warm_mb": warm_mb, "after_mb": after_mb, "before_mb": before,
+                      "peak_mb": peak, "per_call": cascade.pixels_per_call(hu.size)}))
     """
 )
+_BUDGET_MB = 1000.0
 
 
-@pytest.mark.slow
-def test_peak_rss_of_a_1024_slice_stays_under_a_1000_mb_budget(untrained_weights: Path) -> None:
-    """Untiled, a 1024x1024 slice peaks near 2 GB (issue 15: 1.9 GB); with a 1000 MB
-    budget it is tiled and the process's peak RSS stays below 1000 MB."""
-    budget = 1000.0
+@pytest.fixture(scope="module")
+def memory_run(untrained_weights: Path) -> dict[str, Any]:
+    """One process: warm up, calls of 200 to 400 pixels a side, then a 1024x1024 slice,
+    all under a 1000 MB budget; its memory figures (one TensorFlow start for two tests)."""
     started = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, str(untrained_weights), "1024", str(budget)],
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(untrained_weights), "1024", str(_BUDGET_MB)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -160,52 +167,30 @@ def test_peak_rss_of_a_1024_slice_stays_under_a_1000_mb_budget(untrained_weights
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"1024x1024 under a {budget:g} MB budget: {figures}, {time.monotonic() - started:.0f} s")
-    assert figures["peak_mb"] < budget, figures
-    assert figures["per_call"] < 1024 * 1024  # it did tile
+    figures: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"memory under a {_BUDGET_MB:g} MB budget: {figures}, {time.monotonic() - started:.0f} s")
+    return figures
 
 
-_DRIFT_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    from ldct_node.model.cascade import Cascade, resident_bytes
-
-    cascade = Cascade.load(sys.argv[1], device="cpu", memory_budget_mb=4000)
-    cascade.warm_up()
-    before = resident_bytes() / 2**20
-    after = []
-    for side in (200, 300, 400, 200, 300, 400):
-        cascade.denoise(np.random.default_rng(side).normal(40, 30, (side, side)))
-        after.append(resident_bytes() / 2**20)
-    print(json.dumps({"before_mb": before, "after_mb": after}))
-    """
-)
+@pytest.mark.slow
+def test_peak_rss_of_a_1024_slice_stays_under_a_1000_mb_budget(memory_run: dict[str, Any]) -> None:
+    """Untiled, a 1024x1024 slice peaks near 2 GB (issue 15: 1.9 GB); with a 1000 MB
+    budget it is tiled and the process's peak RSS stays below 1000 MB."""
+    assert memory_run["peak_mb"] < _BUDGET_MB, memory_run
+    assert memory_run["per_call"] < 1024 * 1024  # it did tile
 
 
 @pytest.mark.slow
 def test_memory_goes_back_after_each_call_so_the_budget_plans_from_what_is_real(
-    untrained_weights: Path,
+    memory_run: dict[str, Any],
 ) -> None:
     """The budget plans each call from "resident now". With glibc's sliding mmap
     threshold, freed activations stayed resident: here resident memory drifted from 540
     to 874 MB over calls of 200 to 400 pixels a side, and CI saw a 1024x1024 slice peak at
     1,040 MB under a 1,000 MB budget. With a budget the cascade returns them."""
-    res = subprocess.run(
-        [sys.executable, "-c", _DRIFT_SCRIPT, str(untrained_weights)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
-    before, after = figures["before_mb"], figures["after_mb"]
-    print(f"resident after warm-up {before:.0f} MB, after each call: {[round(a) for a in after]}")
+    warm, after = memory_run["warm_mb"], memory_run["after_mb"]
     # A 400x400 call's working memory is ~200 MB: what stays must be far less.
-    assert max(after) - before < 40, figures
+    assert max(after) - warm < 40, memory_run
 
 
 # ---------------------------------------------------------------- one pixel limit
