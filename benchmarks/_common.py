@@ -250,14 +250,24 @@ def node_process(
     stable_seconds: float = 3600.0,
     model: dict[str, Any] | None = None,
     destinations: list[dict[str, Any]] | None = None,
+    receivers: int = 1,
 ) -> Iterator[tuple[int, Path]]:
-    """``ldct-node serve`` in a subprocess on a free port; yields (port, log file)."""
+    """``ldct-node serve`` in a subprocess on a free port; yields (port, log file).
+
+    With ``receivers`` > 1, that many processes listen on the port (``node.reuse_port``):
+    the first is a whole node, the others ``serve --role receiver``.
+    """
     import tomli_w
 
+    if receivers < 1:
+        raise ValueError(f"receivers: must be >= 1, got {receivers}")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    node: dict[str, Any] = {"host": LOOPBACK, "port": port, "ae_title": "LDCT_NODE"}
+    if receivers > 1:
+        node["reuse_port"] = True
     config: dict[str, Any] = {
-        "node": {"host": LOOPBACK, "port": port, "ae_title": "LDCT_NODE"},
+        "node": node,
         "storage": {"spool_dir": "spool", "database_url": "sqlite:///node.db", "min_free_gb": 0},
         "series": {"stable_seconds": stable_seconds},
         "model": {"weights_dir": str(weights), "device": "cpu", **(model or {})},
@@ -267,25 +277,33 @@ def node_process(
         config["destinations"] = destinations
     path = folder / "config.toml"
     path.write_bytes(tomli_w.dumps(config).encode())
-    log_path = folder / "node.log"
-    log = log_path.open("wb")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ldct_node.cli", "serve", "--config", str(path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    command = [sys.executable, "-m", "ldct_node.cli", "serve", "--config", str(path)]
+    procs: list[tuple[subprocess.Popen[bytes], Any, Path]] = []
     try:
-        wait_until(
-            lambda: proc.poll() is not None or echo_ok(port, "LDCT_NODE"), 180, "ldct-node serve"
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"ldct-node serve exited with {proc.returncode}; see {log_path}")
-        yield port, log_path
+        for index in range(receivers):
+            log_path = folder / ("node.log" if index == 0 else f"receiver-{index}.log")
+            log = log_path.open("wb")
+            role = [] if index == 0 else ["--role", "receiver"]
+            proc = subprocess.Popen(
+                [*command, *role], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+            procs.append((proc, log, log_path))
+
+            # One at a time: the first creates the database, the next must find it. An
+            # echo may reach an earlier process: each one says in its log when it serves.
+            def up(proc: subprocess.Popen[bytes] = proc, log_path: Path = log_path) -> bool:
+                ready = " ready (role " in log_path.read_text(errors="replace")
+                return proc.poll() is not None or (ready and echo_ok(port, "LDCT_NODE"))
+
+            wait_until(up, 180, "ldct-node serve")
+            if proc.poll() is not None:
+                raise RuntimeError(f"ldct-node serve exited with {proc.returncode}; see {log_path}")
+        yield port, procs[0][2]
     finally:
-        stop_process(proc, grace=60)
-        log.close()
+        for proc, log, _ in reversed(procs):
+            stop_process(proc, grace=60)
+            log.close()
 
 
 ORTHANC_BIN = shutil.which("Orthanc") or (

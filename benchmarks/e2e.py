@@ -10,7 +10,9 @@ instance. The node then waits ``stable_seconds`` on purpose, so that is subtract
 Model time alone is the cascade on the same slices in this process, same precision
 and batch size, timed after the node run (never concurrently). The rest is broken
 down by timing each stage in-process on the same files: read + decode, derive +
-write, send to storescp.
+write, send to storescp; then what ``ldct-node denoise`` runs (``run_denoise``: load
+the weights, read, denoise, write), whose slices/s over the engine's are printed with
+and without the loading.
 
     .venv/bin/python benchmarks/e2e.py                        # 64 slices, float32
     .venv/bin/python benchmarks/e2e.py --precision bfloat16 --json e2e.json
@@ -50,13 +52,15 @@ def stage_times(
     """Seconds of each stage for the whole series, run one after the other in-process."""
     import numpy as np
 
-    from ldct_node.config import Destination, DicomSettings, OutputProfile
+    from ldct_node.config import Destination, DicomSettings, OutputProfile, Settings
     from ldct_node.dicom.derive import derive_instance, write_derived
     from ldct_node.dicom.io import decode_hu, read_instance
     from ldct_node.model.cascade import Cascade
+    from ldct_node.offline import run_denoise
     from ldct_node.pipeline import denoise_series
     from ldct_node.service.forward import send_series
 
+    loading = time.perf_counter()
     cascade = Cascade.load(BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision)
     t0 = time.perf_counter()
     datasets = [read_instance(f) for f in files]
@@ -82,13 +86,22 @@ def stage_times(
     t6 = time.perf_counter()
     if not result.ok:
         raise RuntimeError(f"send failed: {result.error}")
+    # What `ldct-node denoise FILES --output DIR` runs, whole: load the weights, read,
+    # denoise (the first call traces the graph), write.
+    settings = Settings(model={"precision": precision, "batch_size": batch_size})
+    summary = run_denoise(files, work / "offline", settings=settings, weights_dir=BUNDLED_WEIGHTS)
+    t7 = time.perf_counter()
+    if summary.failed:
+        raise RuntimeError(f"denoise failed: {summary.lines()}")
     return {
+        "load weights": t0 - loading,
         "read+decode": t1 - t0,
         "model": t3 - t2,
         "derive+write": t4 - t3,
         "sum of the three": (t1 - t0) + (t3 - t2) + (t4 - t3),
         "denoise_series (pipelined, decode..write)": t5 - t4,
         "send": t6 - t5,
+        "ldct-node denoise (run_denoise, load..write)": t7 - t6,
     }
 
 
@@ -144,6 +157,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"end to end (last C-STORE -> last derived at storescp): {end_to_end:.2f} s")
         print(f"model alone: {model:.2f} s ({args.slices / model:.2f} slices/s)")
         print(f"(end to end - stable_seconds) / model: {ratio:.3f}")
+        denoise = stages["ldct-node denoise (run_denoise, load..write)"]
+        denoise_ratios = {
+            # slices/s of `denoise` over the engine's (model alone), same batch, precision
+            "denoise_vs_engine": model / denoise,
+            "denoise_vs_engine_without_loading": model / (denoise - stages["load weights"]),
+            "pipelined_series_vs_engine": model
+            / stages["denoise_series (pipelined, decode..write)"],
+        }
+        for name, value in denoise_ratios.items():
+            print(f"ratio {name:36s} {value:.3f}")
         print("stages in-process, one after the other (s):")
         for name, seconds in stages.items():
             print(f"  {name:44s} {seconds:7.2f}")
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "end_to_end_s": end_to_end,
             "model_s": model,
             "ratio": ratio,
+            "denoise_ratios": denoise_ratios,
             "stages_s": stages,
         }
         report("e2e", result, args.json)

@@ -8,7 +8,8 @@ write + fsync + rename and one SQLite WAL FULL commit per instance, the least th
 must do before it acknowledges). DCMTK's tools run with ``TCP_NODELAY=1``: without it
 each message waits ~40 ms for a delayed ACK, and any ratio to them measures that.
 ldct-node runs as ``ldct-node serve`` (a fresh spool and SQLite database per run) over
-one association and over ``--associations`` at once. A last part times the steps of
+one association and over ``--associations`` at once, then with ``--receivers`` processes
+on the port (``node.reuse_port``) for the same concurrent senders. A last part times the steps of
 ldct-node's C-STORE handler in-process on the same files, to show where the time goes.
 
     .venv/bin/python benchmarks/ingest.py                 # 200 images, 2 repeats
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--associations", type=int, default=4, help="for the concurrent run")
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        default=2,
+        help="receiver processes sharing the port (node.reuse_port) for a second concurrent run",
+    )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -125,7 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{args.repeats} repeats, DCMTK tools with TCP_NODELAY=1; {machine_info()['cpu']}"
         )
         many = f"ldct-node x{args.associations}"
+        shared = f"ldct-node x{args.associations}, {args.receivers} receiver processes"
         best = {"ldct-node": float("inf"), many: float("inf"), "storescp": float("inf")}
+        if args.receivers > 1:
+            best[shared] = float("inf")
         if with_orthanc:
             best["orthanc"] = float("inf")
         limits: list[dict[str, float]] = []
@@ -135,13 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with node_process(work / f"many-{rep}") as (port, _log):
                 elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                 best[many] = min(best[many], elapsed)
+            if args.receivers > 1:
+                with node_process(work / f"shared-{rep}", receivers=args.receivers) as (port, _):
+                    elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
+                    best[shared] = min(best[shared], elapsed)
             with storescp(work / f"scp-{rep}" / "in") as port:
                 best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
             if with_orthanc:
                 with orthanc_process(work / f"orthanc-{rep}") as port:
                     best["orthanc"] = min(best["orthanc"], storescu(port, "ORTHANC", files))
             limits.append(durable_write_ms(files, work / f"disk-{rep}"))
-            for name in ("node", "many", "scp", "orthanc", "disk"):
+            for name in ("node", "many", "shared", "scp", "orthanc", "disk"):
                 shutil.rmtree(work / f"{name}-{rep}", ignore_errors=True)
         rates = {name: len(files) / t for name, t in best.items()}
         limit = min(limits, key=lambda x: x["total_ms"])
@@ -157,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "node_vs_disk_limit": rates["ldct-node"] / rates["disk durable limit"],
             "concurrent_vs_one": rates[many] / rates["ldct-node"],
         }
+        if args.receivers > 1:
+            ratios["concurrent_shared_port_vs_one"] = rates[shared] / rates["ldct-node"]
         if with_orthanc:
             ratios["node_vs_orthanc"] = rates["ldct-node"] / rates["orthanc"]
         for name, value in ratios.items():

@@ -58,6 +58,10 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(10, ge=1)
+    # Let several `serve --role receiver` processes of this host listen on node.port
+    # (SO_REUSEPORT, Linux): the kernel spreads new associations across them, so
+    # concurrent senders use more than one CPU core. Every one of them must set it.
+    reuse_port: bool = False
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 

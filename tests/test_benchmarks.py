@@ -76,10 +76,12 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "ratio node_vs_storescp" in printed and "TCP_NODELAY=1" in printed
     rates = result["images_per_s"]
     orthanc = ["orthanc"] if _load("_common").ORTHANC_BIN else []
-    for name in ("ldct-node", "ldct-node x4", "storescp", "disk durable limit", *orthanc):
+    shared = "ldct-node x4, 2 receiver processes"
+    for name in ("ldct-node", "ldct-node x4", shared, "storescp", "disk durable limit", *orthanc):
         assert rates[name] > 0, name
     assert set(result["ratios"]) == {
         "node_vs_storescp", "node_vs_disk_limit", "concurrent_vs_one",
+        "concurrent_shared_port_vs_one",
         *(["node_vs_orthanc"] if orthanc else []),
     }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"spool write+fsync", "db commit"}
@@ -121,6 +123,11 @@ def test_e2e_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "(end to end - stable_seconds) / model" in printed
     assert result["end_to_end_s"] > result["stable_seconds"]
     assert result["model_s"] > 0 and result["stages_s"]["send"] > 0
+    assert "ratio denoise_vs_engine" in printed
+    assert set(result["denoise_ratios"]) == {
+        "denoise_vs_engine", "denoise_vs_engine_without_loading", "pipelined_series_vs_engine"
+    }  # fmt: skip
+    assert all(value > 0 for value in result["denoise_ratios"].values())
 
 
 @pytest.mark.skipif(not SHARED_VGG.is_file(), reason="VGG16 weights not in ../shared")

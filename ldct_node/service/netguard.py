@@ -236,12 +236,16 @@ class GuardSettings:
         Connections that have not yet sent a complete A-ASSOCIATE-RQ, at most.
     max_request_bytes
         Largest A-ASSOCIATE-RQ PDU accepted (header included).
+    reuse_port
+        Listen with ``SO_REUSEPORT``: other processes of this user may listen on the
+        same address, and the kernel spreads new connections across them.
     """
 
     allowed_networks: tuple[Network, ...] = ()
     request_timeout_s: float = 10.0
     max_pending: int = 64
     max_request_bytes: int = MAX_ASSOCIATE_RQ_BYTES
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not self.request_timeout_s > 0:
@@ -393,6 +397,14 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def reuse_port_option() -> int:
+    """``socket.SO_REUSEPORT``; OSError naming ``node.reuse_port`` where there is none."""
+    option = getattr(socket, "SO_REUSEPORT", None)
+    if option is None:
+        raise OSError("node.reuse_port: this system has no SO_REUSEPORT")
+    return int(option)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with admission in front (see the module docstring).
 
@@ -408,12 +420,20 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.pending = _PendingSlots(guard.max_pending)
         #: Connections closed at accept because their host is not allowed.
         self.refused_hosts = 0
+        #: Connections accepted (whatever came of them).
+        self.accepted = 0
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.guard.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, reuse_port_option(), 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept; close a disallowed peer at once; take a pending slot; wrap for TLS."""
         sock = cast(socket.socket, self.socket)
         client, address = sock.accept()
+        self.accepted += 1
         if self.guard.allowed_networks and not host_allowed(
             str(address[0]), self.guard.allowed_networks
         ):

@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from ldct_node.config import Destination, Settings
+from ldct_node.service.netguard import reuse_port_option
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,12 @@ def check_database(settings: Settings) -> Check:
     return Check("database", True, f"{shown} (reachable)")
 
 
-def check_port(name: str, host: str, port: int, key: str) -> Check:
-    """Whether ``host:port`` can be bound now (port 0: any free port, always)."""
+def check_port(name: str, host: str, port: int, key: str, *, reuse_port: bool = False) -> Check:
+    """Whether ``host:port`` can be bound now (port 0: any free port, always).
+
+    With ``reuse_port`` the probe binds as a receiver with ``node.reuse_port`` does, so
+    it succeeds beside other such receivers (and fails beside anything else).
+    """
     where = f"{host}:{port}"
     if port == 0:
         return Check(name, True, f"{host}: a free port is picked at start")
@@ -106,6 +111,8 @@ def check_port(name: str, host: str, port: int, key: str) -> Check:
         # As the servers do: a port left in TIME_WAIT by the last run is free.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, reuse_port_option(), 1)
             sock.bind(address)
         except OSError as exc:
             why = (
@@ -114,6 +121,8 @@ def check_port(name: str, host: str, port: int, key: str) -> Check:
                 else (exc.strerror or str(exc))
             )
             return Check(name, False, f"cannot listen on {where}: {why} ({key})")
+    if reuse_port:
+        return Check(name, True, f"{where} can be listened on (shared: node.reuse_port)")
     return Check(name, True, f"{where} is free")
 
 
@@ -174,7 +183,11 @@ def start_checks(
     if receives:
         checks.append(
             check_port(
-                "dicom port", settings.node.host, settings.node.port, "node.host / node.port"
+                "dicom port",
+                settings.node.host,
+                settings.node.port,
+                "node.host / node.port",
+                reuse_port=settings.node.reuse_port,
             )
         )
     if settings.metrics.enabled:

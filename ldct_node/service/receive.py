@@ -489,6 +489,7 @@ def guard_settings(settings: Settings) -> GuardSettings:
         allowed_networks=tuple(ipaddress.ip_network(h, strict=False) for h in sec.allowed_hosts),
         request_timeout_s=sec.association_request_timeout,
         max_pending=sec.max_pending_connections,
+        reuse_port=settings.node.reuse_port,
     )
 
 
