@@ -100,6 +100,10 @@ def test_files_go_out_as_stored_without_being_decoded(
         server.shutdown()
     assert result.ok, result.error
     assert full_reads == []
+    # pynetdicom's module-wide setting is back to its default for everyone else.
+    from pynetdicom import _config
+
+    assert _config.STORE_SEND_CHUNKED_DATASET is False
     for path in files:
         raw = path.read_bytes()
         ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -28,11 +28,12 @@ destination uses it; for DICOMweb with an authenticated QIDO-RS request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,10 +55,36 @@ from ldct_node.store import Database, ForwardInfo, JobState
 
 logger = logging.getLogger(__name__)
 
-# A C-STORE of a file path sends the file's dataset bytes as they are, read from disk in
-# chunks, instead of decoding it first (pynetdicom's default for paths). Datasets passed
-# as objects are unaffected.
-_config.STORE_SEND_CHUNKED_DATASET = True
+
+class _ChunkedFileMode:
+    """pynetdicom sends a file path's dataset bytes as they are, streamed from disk,
+    only while its module-wide ``STORE_SEND_CHUNKED_DATASET`` is on (it reads it when a
+    C-STORE starts). It is on while any of our sends runs and back to what it was as
+    soon as none does, so that other users of pynetdicom in the process keep their
+    setting (by default: decode the file, convert it if needed) between our sends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = False
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = _config.STORE_SEND_CHUNKED_DATASET
+            self._users += 1
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    _config.STORE_SEND_CHUNKED_DATASET = self._saved
+
+
+_chunked_file_mode = _ChunkedFileMode()
 
 #: Transfer syntaxes offered for the (uncompressed) derived instances.
 SEND_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -338,7 +365,8 @@ def _send_one(assoc: Association, path: Path, as_stored: bool) -> Dataset | None
     images/s to storescp on the 2-core EPYC), else decoded and encoded for an accepted
     context."""
     if as_stored:
-        return assoc.send_c_store(path)  # pynetdicom streams the file from disk
+        with _chunked_file_mode.on():
+            return assoc.send_c_store(path)
     ds: Dataset = dcmread(path)
     return assoc.send_c_store(ds)
 
