@@ -251,11 +251,13 @@ def node_process(
     model: dict[str, Any] | None = None,
     destinations: list[dict[str, Any]] | None = None,
     receivers: int = 1,
+    role: str = "all",
 ) -> Iterator[tuple[int, Path]]:
     """``ldct-node serve`` in a subprocess on a free port; yields (port, log file).
 
-    With ``receivers`` > 1, that many processes listen on the port (``node.reuse_port``):
-    the first is a whole node, the others ``serve --role receiver``.
+    ``role`` is the first process's (``receiver``: no model is loaded). With
+    ``receivers`` > 1, that many processes listen on the port (``node.reuse_port``), the
+    others as ``serve --role receiver``.
     """
     import tomli_w
 
@@ -284,9 +286,9 @@ def node_process(
         for index in range(receivers):
             log_path = folder / ("node.log" if index == 0 else f"receiver-{index}.log")
             log = log_path.open("wb")
-            role = [] if index == 0 else ["--role", "receiver"]
+            role_args = ["--role", role if index == 0 else "receiver"]
             proc = subprocess.Popen(
-                [*command, *role], stdout=log, stderr=subprocess.STDOUT, env=env
+                [*command, *role_args], stdout=log, stderr=subprocess.STDOUT, env=env
             )
             procs.append((proc, log, log_path))
 

@@ -7,10 +7,13 @@ without fsync), Orthanc (its own SQLite index), and this disk's durable limit (o
 write + fsync + rename and one SQLite WAL FULL commit per instance, the least the node
 must do before it acknowledges). DCMTK's tools run with ``TCP_NODELAY=1``: without it
 each message waits ~40 ms for a delayed ACK, and any ratio to them measures that.
-ldct-node runs as ``ldct-node serve`` (a fresh spool and SQLite database per run) over
-one association and over ``--associations`` at once, then with ``--receivers`` processes
-on the port (``node.reuse_port``) for the same concurrent senders. A last part times the steps of
-ldct-node's C-STORE handler in-process on the same files, to show where the time goes.
+ldct-node runs as ``ldct-node serve --role receiver``: the receiving service as the
+whole node runs it, without loading the model (nothing would be processed: the series
+never becomes stable during the run), with a fresh spool and SQLite database per run. It
+is measured over one association, over ``--associations`` at once, and with
+``--receivers`` processes on the port (``node.reuse_port``) for the same concurrent
+senders. A last part times the steps of ldct-node's C-STORE handler in-process on the
+same files, to show where the time goes.
 
     .venv/bin/python benchmarks/ingest.py                 # 200 images, 2 repeats
     .venv/bin/python benchmarks/ingest.py --images 50 --json ingest.json
@@ -140,13 +143,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             best["orthanc"] = float("inf")
         limits: list[dict[str, float]] = []
         for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
-            with node_process(work / f"node-{rep}") as (port, _log):
+            with node_process(work / f"node-{rep}", role="receiver") as (port, _log):
                 best["ldct-node"] = min(best["ldct-node"], storescu(port, "LDCT_NODE", files))
-            with node_process(work / f"many-{rep}") as (port, _log):
+            with node_process(work / f"many-{rep}", role="receiver") as (port, _log):
                 elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                 best[many] = min(best[many], elapsed)
             if args.receivers > 1:
-                with node_process(work / f"shared-{rep}", receivers=args.receivers) as (port, _):
+                with node_process(
+                    work / f"shared-{rep}", receivers=args.receivers, role="receiver"
+                ) as (port, _):
                     elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                     best[shared] = min(best[shared], elapsed)
             with storescp(work / f"scp-{rep}" / "in") as port:
