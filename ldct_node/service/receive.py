@@ -53,6 +53,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.valuerep import STR_VR
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -198,13 +199,11 @@ def _optional_int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-#: VRs whose values pydicom keeps as text or bytes: decoding them never fails (invalid
-#: text is kept with a warning). Every other VR (numbers unpacked as fixed-size items,
-#: whose length may not fit; sequences; ambiguous or unknown VRs) may.
-_VRS_THAT_ALWAYS_DECODE = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "OB", "OW", "PN", "SH", "ST", "TM"}
-    | {"UC", "UI", "UN", "UR", "UT"}
-)
+#: VRs whose values pydicom keeps as text (its ``STR_VR``) or as plain bytes: decoding
+#: them never fails (invalid text is kept with a warning). Every other VR (numbers
+#: unpacked as fixed-size items, whose length may not fit, OD/OF/OL/OV among them;
+#: sequences; ambiguous or unknown VRs) may.
+_VRS_THAT_ALWAYS_DECODE = frozenset(STR_VR) | {"OB", "OW", "UN"}
 
 
 def _value_may_fail(elem: DataElement | RawDataElement) -> bool:
