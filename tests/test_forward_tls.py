@@ -61,7 +61,20 @@ def uids(paths: list[Path]) -> set[str]:
 
 
 @needs_dcmtk_tls
-def test_send_series_over_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
+def test_send_series_over_tls(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ldct_node.service import pdata
+
+    # An SSL socket must not be read by pynetdicom's reactor while another thread
+    # writes it: TLS keeps pynetdicom's own C-STORE path.
+    opened: list[object] = []
+    real = pdata.DirectStoreSender.for_association
+    monkeypatch.setattr(
+        pdata.DirectStoreSender,
+        "for_association",
+        classmethod(lambda cls, assoc: opened.append(real(assoc)) or opened[-1]),
+    )
     files = make_ct_series(tmp_path, n=3, size=16)
     with dcmtk_storescp(tmp_path / "pacs", pki=pki) as pacs:
         dest = tls_dest(pacs.port, pki["ca"])
@@ -72,6 +85,7 @@ def test_send_series_over_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
     assert result.n_sent == 3
     assert {str(ds.SOPInstanceUID) for ds in received} == uids(files)
     assert ok and "over TLS" in message and "TLS" in message
+    assert opened == [None]
 
 
 @needs_dcmtk_tls

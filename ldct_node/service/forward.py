@@ -480,12 +480,13 @@ def send_series(
                 )
             if response is None:
                 state = "aborted" if assoc.is_aborted else "timed out or was released"
+                why = (direct.failure if direct is not None else None) or f"the association {state}"
                 return SendResult(
                     False,
                     sent,
                     total,
                     f"no C-STORE response from {_peer(destination)} after {sent}/{total} "
-                    f"instance(s): the association {state}",
+                    f"instance(s): {why}",
                 )
             if not _is_accepted(response.status):
                 comment = f" {response.comment!r}" if response.comment else ""

@@ -187,7 +187,11 @@ def decode_c_store_rsp(command: bytes) -> tuple[int, int, str] | None:
 
 class _NotPDataError(Exception):
     """The next PDU from the peer is not P-DATA-TF (an abort or a release): it is left
-    on the socket for pynetdicom."""
+    on the socket for pynetdicom. The argument is its type, None: the peer closed."""
+
+
+#: What an unexpected PDU means, by PDU type (PS3.8 table 9-11).
+_PDU_MEANING = {0x05: "the peer asked to release the association", 0x07: "the peer aborted"}
 
 
 class DirectStoreSender:
@@ -214,6 +218,8 @@ class DirectStoreSender:
         self._timeout = float(assoc.dimse_timeout or DEFAULT_RESPONSE_TIMEOUT_S)
         self._owned = False
         self._lock = threading.Lock()
+        #: Why the last :meth:`send` got no response, in words.
+        self.failure: str | None = None
         dul = assoc.dul
         reactor_check = dul._is_transport_event
 
@@ -301,11 +307,18 @@ class DirectStoreSender:
                 self._send_fragments(context_id, 0, memoryview(buffer)[:n], last=sent >= size)
         try:
             return self._response(message_id)
-        except _NotPDataError:
+        except _NotPDataError as exc:
+            (pdu_type,) = exc.args
             # pynetdicom reads it: an abort puts (None, None) on the DIMSE queue.
             self.close()
             _, rsp = self._assoc.dimse.get_msg(block=True)
-            return None if rsp is None else self._pynetdicom_response(rsp, message_id)
+            if rsp is not None:
+                return self._pynetdicom_response(rsp, message_id)
+            if pdu_type is None:
+                self.failure = "the peer closed the connection"
+            else:
+                self.failure = _PDU_MEANING.get(pdu_type, f"the peer sent a PDU of type {pdu_type}")
+            return None
 
     @staticmethod
     def _pynetdicom_response(rsp: Any, message_id: int) -> StoreResponse | None:
@@ -338,7 +351,7 @@ class DirectStoreSender:
                 continue
             head = self._sock.recv(6, socket.MSG_PEEK)
             if not head or head[0] != _P_DATA_TF:
-                raise _NotPDataError
+                raise _NotPDataError(head[0] if head else None)
             if len(head) == 6:
                 return self._recv_exact(6)
             time.sleep(0.0005)  # the rest of the 6 bytes is on its way
@@ -372,6 +385,7 @@ class DirectStoreSender:
                 command = self._read_command()
             except TimeoutError as exc:
                 logger.error("%s; aborting the association", exc)
+                self.failure = f"{exc}; the association was aborted"
                 self.close()
                 self._assoc.abort()
                 return None
