@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import select
 import socket
 import ssl
 import struct
@@ -41,8 +42,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -54,6 +55,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from ldct_node.service import pdata
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,10 @@ ABORT_REASON_NOT_SPECIFIED = 0x00
 PDU_READ_TIMEOUT_S = 60.0
 #: Listen backlog: a burst of connections must not push real senders into SYN retries.
 LISTEN_BACKLOG = 128
+#: How long the direct C-STORE path waits for the next PDU in its own thread before
+#: handing back to pynetdicom's reactor: within a data set, and after a response.
+NEXT_FRAGMENT_WAIT_S = 0.05
+NEXT_REQUEST_WAIT_S = 0.002
 #: Seconds an A-ABORT may take to leave before the socket is closed regardless.
 ABORT_SEND_TIMEOUT_S = 1.0
 #: At most one log line per kind of refusal in this many seconds (the rest are counted).
@@ -415,8 +422,16 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
 
-    def __init__(self, *args: Any, guard: GuardSettings, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        guard: GuardSettings,
+        direct_store: DirectStore | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.guard = guard
+        #: Handles C-STORE requests read by the association's DUL thread itself.
+        self.direct_store = direct_store
         self.pending = _PendingSlots(guard.max_pending)
         #: Connections closed at accept because their host is not allowed.
         self.refused_hosts = 0
@@ -540,6 +555,7 @@ class _GuardedRequestHandler(RequestHandler):
         # without a hook; they are adopted as the subclasses below before the
         # association's threads start (the subclasses add behaviour, no state layout).
         cast(Any, assoc.dul).__class__ = _GuardedDUL
+        cast(_GuardedDUL, assoc.dul).direct_store = getattr(self.server, "direct_store", None)
         cast(Any, assoc.dimse).__class__ = _GuardedDIMSE
         dul_socket = cast(AssociationSocket, assoc.dul.socket)
         dul_socket.__class__ = _ReplaySocket
@@ -587,6 +603,21 @@ class _ReplaySocket(AssociationSocket):
         return data
 
 
+#: Stores one C-STORE request read on the direct path; returns the response status.
+#: Must not raise (it answers an internal error itself).
+DirectStore = Callable[[Association, pdata.IncomingStore], int]
+
+
+@dataclass
+class _Incoming:
+    """A C-STORE request on the direct path whose data set is still arriving."""
+
+    context_id: int
+    transfer_syntax: str
+    request: pdata.StoreRequest
+    fragments: list[memoryview] = field(default_factory=list)
+
+
 def peer_label(assoc: Association) -> str:
     """``AE@address:port`` of the requestor, escaped for the log."""
     requestor = assoc.requestor
@@ -595,7 +626,86 @@ def peer_label(assoc: Association) -> str:
 
 
 class _GuardedDUL(DULServiceProvider):
-    """Reads a PDU only if it fits the node's maximum PDU length; one log line per bad PDU."""
+    """Reads a PDU only if it fits the node's maximum PDU length; one log line per bad PDU.
+
+    With a :data:`DirectStore` bound, a well-formed C-STORE request (its command set in
+    one PDU of its own, then the data set's fragments) is handled in this, the DUL's
+    thread: the handler runs as soon as the last fragment is read and the response is
+    written straight to the socket, which only this thread reads and writes. Through
+    pynetdicom's state machine, queues and its association thread, which polls every
+    millisecond, the same request took ~6 ms more per 512x512 slice. Everything else
+    (C-ECHO, a command split over PDUs, an invalid Affected SOP Instance UID, release
+    and abort) goes through pynetdicom as before.
+    """
+
+    direct_store: DirectStore | None = None
+    _incoming: _Incoming | None = None
+
+    def _take_p_data(self, body: bytearray) -> bool:
+        """Handle a P-DATA-TF PDU on the direct path; False: leave it to pynetdicom."""
+        try:
+            items = pdata.pdv_items(body)
+        except ValueError:
+            if self._incoming is None:
+                return False  # pynetdicom's decoding refuses it (A-ABORT)
+            return self._abort_direct("malformed P-DATA-TF in a C-STORE data set")
+        incoming = self._incoming
+        if incoming is None:
+            return self._start(items)
+        for i, (context_id, control, fragment) in enumerate(items):
+            if control & pdata.COMMAND or context_id != incoming.context_id:
+                return self._abort_direct("a C-STORE data set was interrupted by another message")
+            incoming.fragments.append(fragment)
+            if control & pdata.LAST:
+                if i != len(items) - 1:
+                    return self._abort_direct("data after the end of a C-STORE data set")
+                self._incoming = None
+                self._complete(incoming)
+        return True
+
+    def _start(self, items: list[tuple[int, int, memoryview]]) -> bool:
+        """Take a C-STORE request's command set, when it is one whole PDV we can serve."""
+        if len(items) != 1 or self.assoc.dimse.message is not None:
+            return False
+        context_id, control, fragment = items[0]
+        if control != pdata.COMMAND | pdata.LAST:
+            return False
+        try:
+            request = pdata.decode_c_store_rq(bytes(fragment))
+        except ValueError:
+            return False
+        context = self.assoc._accepted_cx.get(context_id)
+        if request is None or context is None or not valid_uid(request.sop_instance):
+            return False  # pynetdicom answers or refuses it (0x0117 for a bad UID)
+        self._incoming = _Incoming(context_id, str(context.transfer_syntax[0]), request)
+        return True
+
+    def _complete(self, incoming: _Incoming) -> None:
+        request = incoming.request
+        store = pdata.IncomingStore(
+            sop_class=request.sop_class,
+            sop_instance=request.sop_instance,
+            transfer_syntax=incoming.transfer_syntax,
+            dataset=b"".join(incoming.fragments),
+        )
+        incoming.fragments.clear()
+        handler = cast(DirectStore, self.direct_store)
+        status = handler(self.assoc, store)
+        response = pdata.encode_c_store_rsp(
+            request.message_id, request.sop_class, request.sop_instance, status
+        )
+        fragment = pdata.fragment_size(self.assoc.requestor.maximum_length)
+        sock = cast(AssociationSocket, self.socket)
+        for pdu in pdata.p_data_pdus(
+            incoming.context_id, pdata.COMMAND, memoryview(response), fragment, last=True
+        ):
+            sock.send(pdu)  # a failure puts Evt17: the connection is closed
+
+    def _abort_direct(self, why: str) -> bool:
+        self._incoming = None
+        logger.warning("association from %s aborted: %s", peer_label(self.assoc), why)
+        self.event_queue.put("Evt19")  # invalid PDU: A-ABORT, then closed
+        return True
 
     def _pdu_limit(self) -> int:
         if self.state_machine.current_state in ("Sta1", "Sta2"):
@@ -634,18 +744,44 @@ class _GuardedDUL(DULServiceProvider):
         return data
 
     def _read_pdu_data(self) -> None:
+        # pynetdicom's reactor sleeps 1 ms after a read that queued no event, as the
+        # direct path's do: while its C-STORE goes on, the next PDU is read here.
+        while self._read_one_pdu() and self._next_pdu_is_near():
+            pass
+
+    def _next_pdu_is_near(self) -> bool:
+        """Whether the next PDU is readable soon: within 50 ms in the middle of a data
+        set, 2 ms after a response (the sender's turnaround); not when the reactor has
+        something to send or is told to stop."""
+        if self._kill_thread or not self.to_provider_queue.empty():
+            return False
+        sock = cast(_ReplaySocket, self.socket)
+        if sock.ready:
+            return True
+        raw = sock.socket
+        if raw is None:
+            return False
+        wait = NEXT_FRAGMENT_WAIT_S if self._incoming is not None else NEXT_REQUEST_WAIT_S
+        try:
+            readable, _, _ = select.select([raw], [], [], wait)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def _read_one_pdu(self) -> bool:
+        """Read one PDU; True when the direct path consumed it."""
         sock = cast(_ReplaySocket, self.socket)
         if self.state_machine.current_state == "Sta13":
             sock.close()  # we have aborted: nothing the peer still sends matters
-            return
+            return False
         # One deadline for the whole PDU (a trickling peer cannot stretch it per read).
         deadline = time.monotonic() + PDU_READ_TIMEOUT_S
         header = self._receive(sock, PDU_HEADER_BYTES, deadline)
         if header is None:
-            return
+            return False
         if len(header) < PDU_HEADER_BYTES:
             self.event_queue.put("Evt17")  # closed by the peer
-            return
+            return False
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in KNOWN_PDU_TYPES:
             logger.warning(
@@ -654,7 +790,7 @@ class _GuardedDUL(DULServiceProvider):
                 pdu_type,
             )
             self._abort_and_close(ABORT_UNRECOGNIZED_PDU)
-            return
+            return False
         limit = self._pdu_limit()
         if length > limit:
             logger.warning(
@@ -666,13 +802,23 @@ class _GuardedDUL(DULServiceProvider):
                 limit,
             )
             self._abort_and_close(ABORT_INVALID_PARAMETER)
-            return
+            return False
         body = self._receive(sock, length, deadline)
         if body is None:
-            return
+            return False
         if len(body) != length:
             self.event_queue.put("Evt17")
-            return
+            return False
+        if (
+            pdu_type == pdata.P_DATA_TF
+            and self.direct_store is not None
+            and self.state_machine.current_state == "Sta6"
+            and self._take_p_data(body)
+        ):
+            return True
+        if self._incoming is not None:
+            # A release or abort request in the middle of a C-STORE data set.
+            self._incoming = None
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:
@@ -683,9 +829,10 @@ class _GuardedDUL(DULServiceProvider):
                 type(exc).__name__,
             )
             self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
-            return
+            return False
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+        return False
 
 
 #: C-STORE status: the Affected SOP Instance UID is empty or breaks the UID rules.

@@ -35,10 +35,10 @@ from pynetdicom.dsutils import split_dataset
 logger = logging.getLogger(__name__)
 
 #: PDU type of P-DATA-TF (PS3.8 table 9-22).
-_P_DATA_TF = 0x04
+P_DATA_TF = 0x04
 #: Message control header bits (PS3.8 annex E.2).
-_COMMAND = 0x01
-_LAST = 0x02
+COMMAND = 0x01
+LAST = 0x02
 #: Fragment size when the peer sets no maximum PDU length (0 means unlimited).
 _UNLIMITED_FRAGMENT = 1 << 20
 #: The 6 bytes of a PDU header and the 6 of its PDV item header (length, context, flags).
@@ -47,6 +47,7 @@ _PDU_HEADER = struct.Struct(">BBIIBB")
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _DATA_SET_PRESENT = 0x0000
+_NO_DATA_SET = 0x0101
 _PRIORITY_MEDIUM = 0x0000
 #: Data read from the file per system call; fragments are cut from it.
 _READ_BLOCK = 4 << 20
@@ -100,6 +101,56 @@ def read_stored(path: Path) -> StoredInstance | None:
         return None
 
 
+def fragment_size(maximum_length: int | None) -> int:
+    """The largest fragment one P-DATA-TF PDU can carry to a peer whose maximum PDU
+    length is ``maximum_length`` (0 or None: no limit, fragments of 1 MiB)."""
+    maximum = int(maximum_length or 0)
+    # A PDV item is its 4-byte length, the context ID, the control byte and the
+    # fragment; the peer's maximum counts the PDU's variable field, the PDV item.
+    return maximum - 6 if maximum > 6 else _UNLIMITED_FRAGMENT
+
+
+def p_data_pdus(
+    context_id: int, flags: int, data: memoryview, fragment: int, *, last: bool
+) -> Iterator[bytes]:
+    """``data`` as P-DATA-TF PDUs of one PDV item each, at most ``fragment`` bytes of
+    it per PDU; ``flags`` is :data:`COMMAND` or 0, and the last fragment is marked
+    :data:`LAST` when ``last``."""
+    n = len(data)
+    for start in range(0, max(n, 1), fragment):
+        chunk = data[start : start + fragment]
+        control = flags | (LAST if last and start + fragment >= n else 0)
+        yield (
+            _PDU_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control)
+            + chunk
+        )
+
+
+def pdv_items(body: bytes | bytearray) -> list[tuple[int, int, memoryview]]:
+    """The PDV items of a P-DATA-TF PDU's variable field: (context ID, message control
+    header, fragment) each.
+
+    Raises
+    ------
+    ValueError
+        An item's length runs past the PDU or is below 2, or the PDU has no item.
+    """
+    view = memoryview(body)
+    items = []
+    pos = 0
+    while pos < len(view):
+        if pos + 6 > len(view):
+            raise ValueError("truncated PDV item")
+        (length,) = struct.unpack_from(">I", view, pos)
+        if length < 2 or pos + 4 + length > len(view):
+            raise ValueError("bad PDV item length")
+        items.append((view[pos + 4], view[pos + 5], view[pos + 6 : pos + 4 + length]))
+        pos += 4 + length
+    if not items:
+        raise ValueError("no PDV item")
+    return items
+
+
 def _element(tag: int, value: bytes) -> bytes:
     """One Implicit VR Little Endian element of group 0000."""
     return struct.pack("<HHI", 0x0000, tag, len(value)) + value
@@ -131,6 +182,83 @@ def encode_c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> byt
         )
     )
     return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def encode_c_store_rsp(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    """The command set of a C-STORE response, Implicit VR Little Endian (PS3.7 9.3.1.2)."""
+    body = b"".join(
+        (
+            _element(0x0002, _uid(sop_class)),
+            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _element(0x0120, struct.pack("<H", message_id)),
+            _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+            _element(0x0900, struct.pack("<H", status)),
+            _element(0x1000, _uid(sop_instance)),
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What a C-STORE request's command set says (the UIDs without padding)."""
+
+    message_id: int
+    sop_class: str
+    sop_instance: str
+
+
+def decode_c_store_rq(command: bytes) -> StoreRequest | None:
+    """The C-STORE request in ``command``; None when it is another command, has no data
+    set, or lacks a message ID, SOP class or SOP instance UID.
+
+    Raises
+    ------
+    ValueError
+        The command set is malformed.
+    """
+    values = _command_values(command)
+    field, message_id = values.get(0x0100), values.get(0x0110)
+    data_set_type = values.get(0x0800)
+    sop_class, sop_instance = values.get(0x0002), values.get(0x1000)
+    if field is None or message_id is None or data_set_type is None:
+        return None
+    if sop_class is None or sop_instance is None:
+        return None
+    if len(field) != 2 or len(message_id) != 2 or len(data_set_type) != 2:
+        return None
+    if struct.unpack("<H", field)[0] != _C_STORE_RQ:
+        return None
+    if struct.unpack("<H", data_set_type)[0] == _NO_DATA_SET:
+        return None
+    try:
+        return StoreRequest(
+            message_id=struct.unpack("<H", message_id)[0],
+            sop_class=sop_class.decode("ascii").strip(" \0"),
+            sop_instance=sop_instance.decode("ascii").strip(" \0"),
+        )
+    except UnicodeDecodeError:
+        return None
+
+
+@dataclass(frozen=True)
+class IncomingStore:
+    """A C-STORE request as it came off the wire, for the storage SCP's handler.
+
+    Attributes
+    ----------
+    sop_class, sop_instance
+        The request's Affected SOP Class and Instance UIDs (padding stripped).
+    transfer_syntax
+        Of the presentation context it came on.
+    dataset
+        The data set bytes as received.
+    """
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    dataset: bytes
 
 
 @dataclass(frozen=True)
@@ -210,10 +338,7 @@ class DirectStoreSender:
     def __init__(self, assoc: Association, sock: socket.socket) -> None:
         self._assoc = assoc
         self._sock = sock
-        maximum = int(assoc.acceptor.maximum_length or 0)
-        # A PDV item is its 4-byte length, the context ID, the control byte and the
-        # fragment; the peer's maximum counts the PDU's variable field, the PDV item.
-        self._fragment = maximum - 6 if maximum > 6 else _UNLIMITED_FRAGMENT
+        self._fragment = fragment_size(assoc.acceptor.maximum_length)
         self._message_id = 0
         self._timeout = float(assoc.dimse_timeout or DEFAULT_RESPONSE_TIMEOUT_S)
         self._owned = False
@@ -258,16 +383,8 @@ class DirectStoreSender:
         return self._message_id
 
     def _send_fragments(self, context_id: int, flags: int, data: memoryview, last: bool) -> None:
-        size = self._fragment
-        n = len(data)
-        for start in range(0, n, size):
-            chunk = data[start : start + size]
-            final = last and start + size >= n
-            control = flags | (_LAST if final else 0)
-            header = _PDU_HEADER.pack(
-                _P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control
-            )
-            self._sock.sendall(header + chunk)
+        for pdu in p_data_pdus(context_id, flags, data, self._fragment, last=last):
+            self._sock.sendall(pdu)
 
     def send(self, instance: StoredInstance, context_id: int) -> StoreResponse | None:
         """C-STORE ``instance``'s dataset bytes with presentation context ``context_id``.
@@ -288,7 +405,7 @@ class DirectStoreSender:
             raise RuntimeError("the sender is closed")
         message_id = self._next_message_id()
         command = encode_c_store_rq(message_id, instance.sop_class, instance.sop_instance)
-        self._send_fragments(context_id, _COMMAND, memoryview(command), last=True)
+        self._send_fragments(context_id, COMMAND, memoryview(command), last=True)
         with open(instance.path, "rb", buffering=0) as fp:
             size = os.fstat(fp.fileno()).st_size - instance.offset
             if size <= 0:
@@ -350,7 +467,7 @@ class DirectStoreSender:
             if not readable:
                 continue
             head = self._sock.recv(6, socket.MSG_PEEK)
-            if not head or head[0] != _P_DATA_TF:
+            if not head or head[0] != P_DATA_TF:
                 raise _NotPDataError(head[0] if head else None)
             if len(head) == 6:
                 return self._recv_exact(6)
@@ -361,21 +478,16 @@ class DirectStoreSender:
         parts: list[bytes] = []
         while True:
             _, _, length = struct.unpack(">BBI", self._next_pdu_header())
-            body = self._recv_exact(length)
-            pos = 0
-            while pos < length:
-                if pos + 6 > length:
-                    raise OSError("malformed P-DATA-TF from the peer: truncated PDV item")
-                (item_length,) = struct.unpack_from(">I", body, pos)
-                control = body[pos + 5]
-                if item_length < 2 or pos + 4 + item_length > length:
-                    raise OSError("malformed P-DATA-TF from the peer: bad PDV item length")
-                if not control & _COMMAND:
+            try:
+                items = pdv_items(self._recv_exact(length))
+            except ValueError as exc:
+                raise OSError(f"malformed P-DATA-TF from the peer: {exc}") from None
+            for i, (_, control, fragment) in enumerate(items):
+                if not control & COMMAND:
                     raise OSError("the peer sent a data set where a C-STORE response was due")
-                parts.append(body[pos + 6 : pos + 4 + item_length])
-                pos += 4 + item_length
-                if control & _LAST:
-                    if pos != length:
+                parts.append(bytes(fragment))
+                if control & LAST:
+                    if i != len(items) - 1:
                         raise OSError("malformed P-DATA-TF from the peer: data after the end")
                     return b"".join(parts)
 

@@ -39,10 +39,12 @@ goes through :func:`ldct_node.service.netguard.printable`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import STR_VR
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -73,6 +75,7 @@ from ldct_node.service.netguard import (
     printable,
     valid_uid,
 )
+from ldct_node.service.pdata import IncomingStore
 from ldct_node.service.routing import matching_profiles
 from ldct_node.service.spool import Spool
 from ldct_node.store import Database, ReceivedInstance
@@ -244,16 +247,34 @@ def handle_echo(event: evt.Event) -> int:
 
 
 def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
-    """C-STORE: spool durably, record, then answer (see the module docstring)."""
-    stats = ctx.stats(event.assoc)
+    """C-STORE through pynetdicom (what the direct path leaves to it): as
+    :func:`store_instance`."""
+    request = cast(C_STORE, event.request)
+    incoming = IncomingStore(
+        sop_class=str(request.AffectedSOPClassUID or "").strip(" \x00"),
+        sop_instance=str(request.AffectedSOPInstanceUID or "").strip(" \x00"),
+        transfer_syntax=str(event.context.transfer_syntax),
+        dataset=cast(BytesIO, request.DataSet).getvalue(),
+    )
+    return store_instance(ctx, event.assoc, incoming)
+
+
+def store_instance(ctx: ReceiverContext, assoc: Any, incoming: IncomingStore) -> int:
+    """C-STORE: spool durably, record, then answer (see the module docstring).
+
+    Called in the association's DUL thread for the requests it reads itself
+    (:class:`ldct_node.service.netguard.GuardedAssociationServer`'s ``direct_store``),
+    else by :func:`handle_store`. Never raises: a failure is answered 0xC211.
+    """
+    stats = ctx.stats(assoc)
     try:
-        status, outcome = _store(event, ctx)
+        status, outcome = _store(ctx, assoc, incoming)
     except _RefusedError as exc:
         stats.refused += 1
         INSTANCES_RECEIVED.labels("refused").inc()
         logger.warning(
             "C-STORE from %s refused with 0x%04X: %s",
-            _peer(event.assoc),
+            _peer(assoc),
             exc.status,
             exc.reason,
         )
@@ -263,7 +284,7 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         INSTANCES_RECEIVED.labels("error").inc()
         logger.error(
             "C-STORE from %s failed (%s); answered 0x%04X",
-            _peer(event.assoc),
+            _peer(assoc),
             type(exc).__name__,
             INTERNAL_ERROR,
         )
@@ -282,15 +303,44 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
 _OUTCOME_LABELS = {"stored": "stored", "skipped": "not_processed", "duplicate": "duplicate"}
 
 
-def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
-    request = cast(C_STORE, event.request)
-    requested_uid = str(request.AffectedSOPInstanceUID or "").strip(" \x00")
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, tag, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, tag, vr, len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_header(incoming: IncomingStore) -> bytes:
+    """Preamble, ``DICM`` and the file meta of a received instance, as pynetdicom wrote
+    them before the node encoded them itself (1.15 -> ~0.05 ms per instance)."""
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _padded(incoming.sop_class, b"\x00")),
+            _element(0x0003, b"UI", _padded(incoming.sop_instance, b"\x00")),
+            _element(0x0010, b"UI", _padded(incoming.transfer_syntax, b"\x00")),
+            _element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def _store(ctx: ReceiverContext, assoc: Any, incoming: IncomingStore) -> tuple[int, str]:
+    requested_uid = incoming.sop_instance
     if not valid_uid(requested_uid):
         raise _RefusedError(
             INVALID_OBJECT_INSTANCE,
             f"Affected SOP Instance UID {printable(requested_uid, 70)!r} is not a valid UID",
         )
-    data = event.encoded_dataset()  # preamble + file meta + dataset bytes as received
+    # preamble + file meta + dataset bytes as received
+    data = part10_header(incoming) + incoming.dataset
     if not ctx.spool.has_space(ctx.settings.storage.min_free_gb, len(data)):
         raise _RefusedError(OUT_OF_RESOURCES, "spool below storage.min_free_gb")
 
@@ -299,7 +349,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
     series_uid = _uid(ds, "SeriesInstanceUID")
     study_uid = _uid(ds, "StudyInstanceUID")
     sop_class = _uid(ds, "SOPClassUID") if "SOPClassUID" in ds else ""
-    requested_class = str(request.AffectedSOPClassUID or "")
+    requested_class = incoming.sop_class
     if sop_class != requested_class:
         raise _RefusedError(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -310,7 +360,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
         raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
 
     skip_reason = processing_skip_reason(ds, ctx.settings.series)
-    calling_aet = str(event.assoc.requestor.ae_title).strip()
+    calling_aet = str(assoc.requestor.ae_title).strip()
     profiles = ctx.profiles
     if skip_reason is None:
         profiles = [p.name for p in matching_profiles(ds, calling_aet, ctx.settings.outputs)]
@@ -329,7 +379,7 @@ def _store(event: evt.Event, ctx: ReceiverContext) -> tuple[int, str]:
         series_instance_uid=series_uid,
         study_instance_uid=study_uid,
         sop_class_uid=sop_class,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
+        transfer_syntax_uid=incoming.transfer_syntax,
         path=path,
         calling_aet=calling_aet,
         modality=(str(ds.get("Modality", "") or "").strip() or None),
@@ -520,6 +570,7 @@ def start_receiver(
             evt_handlers=handlers,
             server_class=GuardedAssociationServer,
             guard=guard_settings(settings),
+            direct_store=functools.partial(store_instance, ctx),
         ),
     )
     thread = threading.Thread(
