@@ -223,3 +223,43 @@ def test_message_ids_count_up_and_wrap(tmp_path: Path) -> None:
     sender = object.__new__(pdata.DirectStoreSender)
     sender._message_id = 0xFFFF
     assert sender._next_message_id() == 1
+
+
+def test_a_reactor_check_begun_before_the_handover_never_takes_a_response(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's reactor may be inside its own socket check when the sender takes
+    the socket over, and get the GIL back only once our response is readable (seen
+    with three senders to one storescp: a response eaten, the series stalled 30 s).
+    Here a thread keeps calling that original check all through a series."""
+    from pynetdicom.dul import DULServiceProvider
+
+    files = make_ct_series(tmp_path, n=20, size=16)
+    real = pdata.DirectStoreSender.for_association
+    stop = threading.Event()
+    hammers: list[threading.Thread] = []
+
+    def for_association(
+        cls: type[pdata.DirectStoreSender], assoc: object
+    ) -> pdata.DirectStoreSender | None:
+        sender = real(assoc)  # type: ignore[arg-type]
+
+        def hammer() -> None:
+            while not stop.is_set():
+                DULServiceProvider._is_transport_event(assoc.dul)  # type: ignore[attr-defined]
+
+        hammers.append(threading.Thread(target=hammer, daemon=True))
+        hammers[-1].start()
+        return sender
+
+    monkeypatch.setattr(pdata.DirectStoreSender, "for_association", classmethod(for_association))
+    monkeypatch.setattr(forward, "DIMSE_TIMEOUT_S", 5.0)
+    try:
+        with scp(lambda event: 0x0000) as (port, received):
+            result = send_series(files, dest(port), calling_ae_title="LDCT_NODE")
+    finally:
+        stop.set()
+        for thread in hammers:
+            thread.join(5)
+    assert result.ok, result.error
+    assert len(received) == 20

@@ -347,12 +347,20 @@ class DirectStoreSender:
         self.failure: str | None = None
         dul = assoc.dul
         reactor_check = dul._is_transport_event
+        reactor_read = dul._read_pdu_data
 
         def transport_event() -> bool:
+            return False if self._owned else reactor_check()
+
+        def read_pdu() -> None:
+            # The reactor may have entered its own check before it was replaced, and
+            # find our response readable: the read itself is refused while we own it.
             with self._lock:
-                return False if self._owned else reactor_check()
+                if not self._owned:
+                    reactor_read()
 
         dul._is_transport_event = transport_event  # type: ignore[method-assign]
+        dul._read_pdu_data = read_pdu  # type: ignore[method-assign]
         self._restart_idle_timer = dul._idle_timer.restart
         with self._lock:  # a read the reactor had begun ends before this returns
             self._owned = True
