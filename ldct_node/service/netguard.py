@@ -816,9 +816,7 @@ class _GuardedDUL(DULServiceProvider):
             and self._take_p_data(body)
         ):
             return True
-        if self._incoming is not None:
-            # A release or abort request in the middle of a C-STORE data set.
-            self._incoming = None
+        self._incoming = None  # a release or abort ends a data set still arriving
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:

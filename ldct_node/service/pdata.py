@@ -1,17 +1,19 @@
-"""C-STORE requests written as P-DATA-TF PDUs straight onto an association's socket.
+"""C-STORE on the wire without pynetdicom's message path: P-DATA-TF PDUs and the
+C-STORE command sets, encoded and decoded here, for both sides of the node.
 
-pynetdicom sends a C-STORE by handing each PDU of the message to its reactor thread
-through two queues and its state machine: about 5.7 ms of Python per 512x512 slice, so
-the forwarder reached 0.21 x DCMTK ``storescu`` to ``storescp``. Once pynetdicom has
-negotiated a plain TCP association, :class:`DirectStoreSender` writes the request itself:
-the command set (encoded here, Implicit VR Little Endian, PS3.7 section 9.3.1.1) and then
-the stored file's dataset bytes, fragmented to the peer's maximum PDU length (PS3.8
-section 9.3.5). The response still arrives through pynetdicom's reactor, which reads the
-socket in its own thread and decodes it; nothing else writes to the socket meanwhile, as
-the association only sends requests.
+Sending (:class:`DirectStoreSender`): pynetdicom handed each PDU of a C-STORE to its
+reactor thread through two queues and its state machine, and its response back the
+same way: the forwarder reached 0.21 x DCMTK ``storescu`` to ``storescp``. Once
+pynetdicom has negotiated a plain TCP association, the sender writes the request itself
+(the command set, Implicit VR Little Endian, PS3.7 section 9.3.1.1, then the stored
+file's dataset bytes, fragmented to the peer's maximum PDU length, PS3.8 section 9.3.5)
+and reads the response from the socket, with pynetdicom's reactor kept off it
+meanwhile. Only for plain TCP: an ``ssl.SSLSocket`` must not be read by one thread
+while another writes it, so TLS associations keep pynetdicom's path.
 
-Only for plain TCP: an ``ssl.SSLSocket`` must not be read by one thread while another
-writes it, so TLS associations keep pynetdicom's path.
+Receiving: :mod:`ldct_node.service.netguard` reads PDUs in the association's own
+thread and uses :func:`pdv_items`, :func:`decode_c_store_rq`,
+:func:`encode_c_store_rsp` and :func:`p_data_pdus` to serve C-STOREs there.
 """
 
 from __future__ import annotations
@@ -161,6 +163,16 @@ def _uid(value: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _command_set(*elements: bytes) -> bytes:
+    """Command elements behind their (0000,0000) Command Group Length."""
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 def encode_c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """The command set of a C-STORE request, Implicit VR Little Endian.
 
@@ -171,32 +183,26 @@ def encode_c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> byt
     """
     if not 0 <= message_id <= 0xFFFF:
         raise ValueError(f"message_id: {message_id} is not 0-65535")
-    body = b"".join(
-        (
-            _element(0x0002, _uid(sop_class)),
-            _element(0x0100, struct.pack("<H", _C_STORE_RQ)),
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", _PRIORITY_MEDIUM)),
-            _element(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
-            _element(0x1000, _uid(sop_instance)),
-        )
+    return _command_set(
+        _element(0x0002, _uid(sop_class)),
+        _element(0x0100, _us(_C_STORE_RQ)),
+        _element(0x0110, _us(message_id)),
+        _element(0x0700, _us(_PRIORITY_MEDIUM)),
+        _element(0x0800, _us(_DATA_SET_PRESENT)),
+        _element(0x1000, _uid(sop_instance)),
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def encode_c_store_rsp(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
     """The command set of a C-STORE response, Implicit VR Little Endian (PS3.7 9.3.1.2)."""
-    body = b"".join(
-        (
-            _element(0x0002, _uid(sop_class)),
-            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-            _element(0x0120, struct.pack("<H", message_id)),
-            _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-            _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(sop_instance)),
-        )
+    return _command_set(
+        _element(0x0002, _uid(sop_class)),
+        _element(0x0100, _us(_C_STORE_RSP)),
+        _element(0x0120, _us(message_id)),
+        _element(0x0800, _us(_NO_DATA_SET)),
+        _element(0x0900, _us(status)),
+        _element(0x1000, _uid(sop_instance)),
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 @dataclass(frozen=True)
@@ -218,22 +224,16 @@ def decode_c_store_rq(command: bytes) -> StoreRequest | None:
         The command set is malformed.
     """
     values = _command_values(command)
-    field, message_id = values.get(0x0100), values.get(0x0110)
-    data_set_type = values.get(0x0800)
+    field, message_id = _us_value(values, 0x0100), _us_value(values, 0x0110)
+    data_set_type = _us_value(values, 0x0800)
     sop_class, sop_instance = values.get(0x0002), values.get(0x1000)
-    if field is None or message_id is None or data_set_type is None:
+    if field != _C_STORE_RQ or message_id is None or data_set_type in (None, _NO_DATA_SET):
         return None
     if sop_class is None or sop_instance is None:
         return None
-    if len(field) != 2 or len(message_id) != 2 or len(data_set_type) != 2:
-        return None
-    if struct.unpack("<H", field)[0] != _C_STORE_RQ:
-        return None
-    if struct.unpack("<H", data_set_type)[0] == _NO_DATA_SET:
-        return None
     try:
         return StoreRequest(
-            message_id=struct.unpack("<H", message_id)[0],
+            message_id=message_id,
             sop_class=sop_class.decode("ascii").strip(" \0"),
             sop_instance=sop_instance.decode("ascii").strip(" \0"),
         )
@@ -298,19 +298,21 @@ def _command_values(command: bytes) -> dict[int, bytes]:
     return values
 
 
+def _us_value(values: dict[int, bytes], element: int) -> int | None:
+    """An US element's value; None when it is absent or not 2 bytes long."""
+    raw = values.get(element)
+    return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None
+
+
 def decode_c_store_rsp(command: bytes) -> tuple[int, int, str] | None:
     """(message ID responded to, status, error comment) of a C-STORE response command
     set; None when it is another command or lacks those elements."""
     values = _command_values(command)
-    field, responded_to, status = values.get(0x0100), values.get(0x0120), values.get(0x0900)
-    if field is None or responded_to is None or status is None:
-        return None
-    if len(field) != 2 or len(responded_to) != 2 or len(status) != 2:
-        return None
-    if struct.unpack("<H", field)[0] != _C_STORE_RSP:
+    responded_to, status = _us_value(values, 0x0120), _us_value(values, 0x0900)
+    if _us_value(values, 0x0100) != _C_STORE_RSP or responded_to is None or status is None:
         return None
     comment = values.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
-    return struct.unpack("<H", responded_to)[0], struct.unpack("<H", status)[0], comment
+    return responded_to, status, comment
 
 
 class _NotPDataError(Exception):
