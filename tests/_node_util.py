@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +81,18 @@ class Pacs:
 
 @contextmanager
 def storescp(
-    directory: Path, *, port: int | None = None, ae_title: str = "PACS", unique_names: bool = True
+    directory: Path,
+    *,
+    port: int | None = None,
+    ae_title: str = "PACS",
+    unique_names: bool = True,
+    extra: Sequence[str] = (),
 ) -> Iterator[Pacs]:
     """Run ``storescp`` writing every received instance into ``directory``.
 
     With ``unique_names`` each reception becomes its own file (``+uf``), so a
-    re-delivery of the same SOP instance is visible as a second file.
+    re-delivery of the same SOP instance is visible as a second file. ``extra``:
+    more storescp options.
     """
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -105,6 +111,7 @@ def storescp(
     ]
     if unique_names:
         args.append("+uf")
+    args.extend(extra)
     args.append(str(port))
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     try:

@@ -6,7 +6,6 @@ check the PDUs independently, pynetdicom SCPs where a test needs a misbehaving p
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from _dicom_util import make_ct_series
-from _net_util import DCMTK_ENV, LOOPBACK, dcmtk_tool, free_port
-from _node_util import echo_ok, needs_storescp, wait_for
+from _net_util import LOOPBACK
+from _node_util import needs_storescp, storescp
 from pydicom.filereader import read_dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode
@@ -105,22 +104,10 @@ def test_fragments_fit_a_peer_with_the_smallest_maximum_pdu(tmp_path: Path) -> N
     """DCMTK storescp with a 4096-byte maximum PDU aborts an association that sends a
     larger one; a 64x64 slice takes 3 fragments there."""
     files = make_ct_series(tmp_path, n=3, size=64)
-    pacs_dir = tmp_path / "pacs"
-    pacs_dir.mkdir()
-    port = free_port()
-    storescp = dcmtk_tool("storescp") or "storescp"
-    args = [storescp, "-aet", "PACS", "-od", str(pacs_dir), "-pdu", "4096", "+xe", str(port)]
-    proc = subprocess.Popen(
-        args, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for(lambda: echo_ok(port, "PACS"), timeout=20, what="storescp")
-        result = send_series(files, dest(port), calling_ae_title="LDCT_NODE")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with storescp(tmp_path / "pacs", extra=["-pdu", "4096"]) as pacs:
+        result = send_series(files, dest(pacs.port), calling_ae_title="LDCT_NODE")
+        received = {ds.SOPInstanceUID: ds for ds in pacs.datasets()}
     assert result.ok, result.error
-    received = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, pacs_dir.iterdir())}
     for path in files:
         source = pydicom.dcmread(path)
         assert received[source.SOPInstanceUID].PixelData == source.PixelData

@@ -4,8 +4,10 @@ pynetdicom. Real associations on 127.0.0.1: DCMTK storescu and raw PDUs."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -13,6 +15,7 @@ import pytest
 from _dicom_util import make_ct_series
 from _net_util import (
     HAVE_STORESCU,
+    Node,
     dataset_bytes,
     node_settings,
     p_data_pdu,
@@ -45,6 +48,21 @@ def pynetdicom_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(receive, "handle_store", counting)
     yield calls
+
+
+@contextmanager
+def ct_association(tmp_path: Path) -> Iterator[tuple[Node, socket.socket]]:
+    """A receiver, and a raw association to it accepted for CT Image Storage with
+    Explicit VR Little Endian on presentation context 1."""
+    with (
+        running_receiver(node_settings(tmp_path / "node")) as node,
+        raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
+            sock,
+            answer,
+        ),
+    ):
+        assert answer == A_ASSOCIATE_AC
+        yield node, sock
 
 
 def _response(sock: object) -> tuple[int, int, str] | None:
@@ -86,14 +104,7 @@ def test_a_command_split_over_two_pdus_is_served_by_pynetdicom(
 ) -> None:
     (path,) = make_ct_series(tmp_path, n=1, size=16)
     command, data = _raw_store_pdus(path)
-    with (
-        running_receiver(node_settings(tmp_path / "node")) as node,
-        raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
-            sock,
-            answer,
-        ),
-    ):
-        assert answer == A_ASSOCIATE_AC
+    with ct_association(tmp_path) as (node, sock):
         sock.sendall(p_data_pdu((1, pdata.COMMAND, command[:20])))
         sock.sendall(p_data_pdu((1, COMMAND_LAST, command[20:])))
         sock.sendall(p_data_pdu((1, pdata.LAST, data)))
@@ -107,14 +118,7 @@ def test_command_and_data_in_one_pdu_are_served_by_pynetdicom(
 ) -> None:
     (path,) = make_ct_series(tmp_path, n=1, size=16)
     command, data = _raw_store_pdus(path, message_id=9)
-    with (
-        running_receiver(node_settings(tmp_path / "node")) as node,
-        raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
-            sock,
-            answer,
-        ),
-    ):
-        assert answer == A_ASSOCIATE_AC
+    with ct_association(tmp_path) as (_, sock):
         sock.sendall(p_data_pdu((1, COMMAND_LAST, command), (1, pdata.LAST, data)))
         assert _response(sock) == (9, receive.SUCCESS, "")
     assert pynetdicom_calls == [_sop_uid(path)]
@@ -125,14 +129,7 @@ def test_a_data_set_in_many_fragments_is_stored_whole_on_the_direct_path(
 ) -> None:
     (path,) = make_ct_series(tmp_path, n=1, size=64)
     command, data = _raw_store_pdus(path, message_id=65535)
-    with (
-        running_receiver(node_settings(tmp_path / "node")) as node,
-        raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
-            sock,
-            answer,
-        ),
-    ):
-        assert answer == A_ASSOCIATE_AC
+    with ct_association(tmp_path) as (node, sock):
         sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
         pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
         # Two fragments per PDU, then one per PDU.
@@ -154,14 +151,7 @@ def test_a_bad_data_set_on_the_direct_path_gets_its_status(
     (path,) = make_ct_series(tmp_path, n=1, size=16)
     data = dataset_bytes(path)
     command = pdata.encode_c_store_rq(3, "1.2.840.10008.5.1.4.1.1.2.1", _sop_uid(path))
-    with (
-        running_receiver(node_settings(tmp_path / "node")) as node,
-        raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
-            sock,
-            answer,
-        ),
-    ):
-        assert answer == A_ASSOCIATE_AC
+    with ct_association(tmp_path) as (_, sock):
         sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
         sock.sendall(p_data_pdu((1, pdata.LAST, data)))
         assert _response(sock) == (3, receive.DATASET_DOES_NOT_MATCH_SOP_CLASS, "")
@@ -177,17 +167,12 @@ def test_a_data_set_interrupted_by_a_command_aborts_and_the_node_keeps_serving(
 ) -> None:
     (path,) = make_ct_series(tmp_path, n=1, size=16)
     command, data = _raw_store_pdus(path)
-    with running_receiver(node_settings(tmp_path / "node")) as node:
-        with raw_association(node.port, abstract_syntax=CT, transfer_syntax=EXPLICIT_LE) as (
-            sock,
-            answer,
-        ):
-            assert answer == A_ASSOCIATE_AC
-            sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
-            sock.sendall(p_data_pdu((1, 0, data[:100])))
-            sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
-            pdu_type, _ = read_pdu(sock, timeout=5)
-            assert pdu_type == A_ABORT
+    with ct_association(tmp_path) as (node, sock):
+        sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
+        sock.sendall(p_data_pdu((1, 0, data[:100])))
+        sock.sendall(p_data_pdu((1, COMMAND_LAST, command)))
+        pdu_type, _ = read_pdu(sock, timeout=5)
+        assert pdu_type == A_ABORT
         assert node.db.instance_path(_sop_uid(path)) is None
         assert echo_ok(node.port, "LDCT_NODE")
 
