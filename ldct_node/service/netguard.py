@@ -20,6 +20,13 @@ points::
       a DIMSE message that cannot be decoded      -> A-ABORT (one log line)
       a C-STORE with an invalid Affected SOP Instance UID -> answered 0x0117
 
+An established association's two threads wait instead of polling every millisecond
+as pynetdicom's do. Its DUL thread, with nothing to read or send, waits in ``select``
+for the peer's next PDU, a primitive its association queues or a stop
+(:data:`DUL_IDLE_WAIT_S` at most). Its association thread (the reactor) waits on its
+DIMSE message queue, woken by the DUL for each message and each primitive it queues
+(release, abort); only its idle timer and a local kill wait for :data:`REACTOR_WAIT_S`.
+
 So strangers only ever hold pending slots, which are bounded in number and in time,
 and never the established associations' ``node.max_associations``.
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import queue
 import re
 import select
 import socket
@@ -87,6 +95,12 @@ LISTEN_BACKLOG = 128
 #: handing back to pynetdicom's reactor: within a data set, and after a response.
 NEXT_FRAGMENT_WAIT_S = 0.05
 NEXT_REQUEST_WAIT_S = 0.002
+#: How long an association's reactor waits for a DIMSE message (or a wake-up from its
+#: DUL) before its other checks; pynetdicom sleeps 1 ms between them.
+REACTOR_WAIT_S = 0.05
+#: How long an idle established association's DUL thread waits for a PDU, a primitive
+#: to send or a stop before it looks again (woken at once by each of them).
+DUL_IDLE_WAIT_S = 0.05
 #: Seconds an A-ABORT may take to leave before the socket is closed regardless.
 ABORT_SEND_TIMEOUT_S = 1.0
 #: At most one log line per kind of refusal in this many seconds (the rest are counted).
@@ -557,6 +571,7 @@ class _GuardedRequestHandler(RequestHandler):
         cast(Any, assoc.dul).__class__ = _GuardedDUL
         cast(_GuardedDUL, assoc.dul).direct_store = getattr(self.server, "direct_store", None)
         cast(Any, assoc.dimse).__class__ = _GuardedDIMSE
+        cast(_GuardedDUL, assoc.dul).adopt(cast(_GuardedDIMSE, assoc.dimse).wake_reactor)
         dul_socket = cast(AssociationSocket, assoc.dul.socket)
         dul_socket.__class__ = _ReplaySocket
         cast(_ReplaySocket, dul_socket).replay = bytearray(self._replay)
@@ -640,6 +655,67 @@ class _GuardedDUL(DULServiceProvider):
 
     direct_store: DirectStore | None = None
     _incoming: _Incoming | None = None
+    #: Wakes this thread's idle wait: (read end, write end), from adopt() until it ends.
+    _waker: tuple[socket.socket, socket.socket] | None = None
+
+    def adopt(self, wake_reactor: Callable[[], None]) -> None:
+        """Set up the idle waits, before the threads start (see the module docstring):
+        each primitive this DUL queues for its association wakes the association's
+        reactor; each one the association queues for the peer wakes this thread."""
+        self.to_user_queue = _WakingQueue(wake_reactor)
+        self.to_provider_queue = _WakingQueue(self._wake)
+        read_end, write_end = socket.socketpair()
+        read_end.setblocking(False)
+        write_end.setblocking(False)
+        self._waker = (read_end, write_end)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            waker, self._waker = self._waker, None
+            for end in waker or ():
+                end.close()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
+                waker[1].send(b"\0")
+
+    def _is_transport_event(self) -> bool:
+        self._wait_while_idle()
+        return bool(super()._is_transport_event())
+
+    def _wait_while_idle(self) -> None:
+        """Block until the peer sends, the association queues a primitive or this thread
+        is stopped (at most DUL_IDLE_WAIT_S): only on an established association with
+        nothing under way, where pynetdicom would sleep 1 ms and look again."""
+        waker = self._waker
+        if (
+            waker is None
+            or self._kill_thread
+            or self._incoming is not None
+            or self.state_machine.current_state != "Sta6"
+            or not self.to_provider_queue.empty()
+            or not self.event_queue.empty()
+        ):
+            return
+        sock = cast(_ReplaySocket, self.socket)
+        raw = sock.socket
+        if raw is None or sock.ready:
+            return
+        try:
+            select.select([raw, waker[0]], [], [], DUL_IDLE_WAIT_S)
+        except (OSError, ValueError):
+            return  # closed: pynetdicom's own check reports it
+        with contextlib.suppress(OSError):
+            while waker[0].recv(4096):
+                pass
 
     def _take_p_data(self, body: bytearray) -> bool:
         """Handle a P-DATA-TF PDU on the direct path; False: leave it to pynetdicom."""
@@ -847,6 +923,23 @@ def valid_uid(value: str) -> bool:
     return len(value) <= MAX_UID_CHARS and _UID_RE.fullmatch(value) is not None
 
 
+class _WakingQueue(queue.Queue[Any]):
+    """The DUL's queue of primitives for its association; each one put wakes the
+    association's reactor (an A-RELEASE-RQ is answered without waiting for a poll)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+#: Put on the DIMSE message queue to wake the reactor; never a message.
+_WAKE: tuple[None, None] = (None, None)
+
+
 class _GuardedDIMSE(DIMSEServiceProvider):
     """Turns complete DIMSE messages into requests, as pynetdicom does, except that
 
@@ -855,6 +948,23 @@ class _GuardedDIMSE(DIMSEServiceProvider):
     - a C-STORE request whose Affected SOP Instance UID is empty or invalid is answered
       :data:`INVALID_OBJECT_INSTANCE` (pynetdicom drops it unanswered, or aborts).
     """
+
+    def wake_reactor(self) -> None:
+        """Make the reactor's wait for a message return now (see :meth:`get_msg`)."""
+        self.msg_queue.put(_WAKE)
+
+    def get_msg(self, block: bool = False) -> Any:
+        """The next message; the reactor's non-blocking call waits up to
+        :data:`REACTOR_WAIT_S` (or a wake-up, which returns no message)."""
+        if not block:
+            try:
+                return self.msg_queue.get(timeout=REACTOR_WAIT_S)
+            except queue.Empty:
+                return None, None
+        while True:  # an acceptor never blocks here; skip wake-ups if one ever does
+            item = super().get_msg(block=True)
+            if item is not _WAKE:
+                return item
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
