@@ -308,6 +308,28 @@ def node_process(
             log.close()
 
 
+def pid_with_argument(argument: str) -> int:
+    """The pid of the one process whose command line has ``argument`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # ended meanwhile
+            if argument.encode() in args:
+                found.append(int(entry.name))
+    if len(found) != 1:
+        raise RuntimeError(f"{len(found)} processes with {argument!r} in their command line")
+    return found[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 ORTHANC_BIN = shutil.which("Orthanc") or (
     "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
 )

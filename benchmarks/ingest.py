@@ -13,7 +13,8 @@ never becomes stable during the run), with a fresh spool and SQLite database per
 is measured over one association, over ``--associations`` at once, and with
 ``--receivers`` processes on the port (``node.reuse_port``) for the same concurrent
 senders. A last part times the steps of ldct-node's C-STORE handler in-process on the
-same files, to show where the time goes.
+same files, to show where the time goes, and the node's CPU use while
+``--associations`` established associations have nothing to do.
 
     .venv/bin/python benchmarks/ingest.py                 # 200 images, 2 repeats
     .venv/bin/python benchmarks/ingest.py --images 50 --json ingest.json
@@ -38,11 +39,13 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from _common import (  # noqa: E402
     ORTHANC_BIN,
+    cpu_seconds,
     durable_write_ms,
     machine_info,
     need_tools,
     node_process,
     orthanc_process,
+    pid_with_argument,
     report,
     storescp,
     storescu,
@@ -98,6 +101,31 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
     return {name: 1000.0 * total / len(blobs) for name, total in steps.items()}
 
 
+def idle_cpu_percent(folder: Path, associations: int, seconds: float) -> float:
+    """The receiver's CPU use (% of one core) while ``associations`` established
+    associations (pynetdicom, C-ECHO negotiated) stay open with nothing to send."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    with node_process(folder, role="receiver") as (port, _log):
+        pid = pid_with_argument(str(folder / "config.toml"))
+        ae = AE(ae_title="IDLE")
+        ae.add_requested_context(Verification)
+        open_ = [ae.associate("127.0.0.1", port, ae_title="LDCT_NODE") for _ in range(associations)]
+        try:
+            if not all(assoc.is_established for assoc in open_):
+                raise RuntimeError("an idle association was not accepted")
+            time.sleep(0.5)
+            before = cpu_seconds(pid)
+            time.sleep(seconds)
+            used = cpu_seconds(pid) - before
+        finally:
+            for assoc in open_:
+                assoc.release()
+            ae.shutdown()
+    return 100.0 * used / seconds
+
+
 def concurrent_storescu(port: int, ae_title: str, files: list[Path], n: int) -> float:
     """Send ``files`` split over ``n`` storescu processes at once; wall time of all."""
     chunks = [files[i::n] for i in range(n)]
@@ -118,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         default=2,
         help="receiver processes sharing the port (node.reuse_port) for a second concurrent run",
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=10.0, help="how long idle CPU use is measured"
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
@@ -189,6 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {name:18s} {ms:7.2f}")
         per_instance = 1000 * best["ldct-node"] / len(files)
         print(f"  over the network: {per_instance:.2f} ms per instance in all")
+        idle = idle_cpu_percent(work / "idle", args.associations, args.idle_seconds)
+        print(
+            f"receiver CPU with {args.associations} idle associations: {idle:.1f} % of a core "
+            f"(over {args.idle_seconds:g} s)"
+        )
         result = {
             "images": len(files),
             "size": args.size,
@@ -198,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio_node_vs_storescp": ratios["node_vs_storescp"],
             "disk_limit_ms": limit,
             "handler_ms_per_instance": steps,
+            "idle_cpu_percent": idle,
         }
         report("ingest", result, args.json)
         return result

@@ -69,9 +69,8 @@ def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 @needs_dcmtk
 def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = _load("ingest").main(
-        ["--images", "4", "--size", "64", "--repeats", "1", "--workdir", str(tmp_path)]
-    )
+    args = ["--images", "4", "--size", "64", "--repeats", "1", "--idle-seconds", "0.5"]
+    result = _load("ingest").main([*args, "--workdir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "ratio node_vs_storescp" in printed and "TCP_NODELAY=1" in printed
     rates = result["images_per_s"]
@@ -85,6 +84,7 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         *(["node_vs_orthanc"] if orthanc else []),
     }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"spool write+fsync", "db commit"}
+    assert result["idle_cpu_percent"] >= 0 and "4 idle associations" in printed
 
 
 @needs_dcmtk
