@@ -111,16 +111,16 @@ def idle_cpu_percent(folder: Path, associations: int, seconds: float) -> float:
         pid = pid_with_argument(str(folder / "config.toml"))
         ae = AE(ae_title="IDLE")
         ae.add_requested_context(Verification)
-        open_ = [ae.associate("127.0.0.1", port, ae_title="LDCT_NODE") for _ in range(associations)]
+        peers = [ae.associate("127.0.0.1", port, ae_title="LDCT_NODE") for _ in range(associations)]
         try:
-            if not all(assoc.is_established for assoc in open_):
+            if not all(assoc.is_established for assoc in peers):
                 raise RuntimeError("an idle association was not accepted")
             time.sleep(0.5)
             before = cpu_seconds(pid)
             time.sleep(seconds)
             used = cpu_seconds(pid) - before
         finally:
-            for assoc in open_:
+            for assoc in peers:
                 assoc.release()
             ae.shutdown()
     return 100.0 * used / seconds

@@ -12,6 +12,7 @@ from typing import Any
 import pydicom
 from _dicom_util import make_ct_series
 from _net_util import node_settings, running_receiver, scu_association
+from _node_util import wait_for
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -26,14 +27,13 @@ IDLE_S = 1.0
 MAX_LOOKS = 200
 
 
-def _server_association(server: Any, timeout: float = 10.0) -> Association:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        active = list(server.active_associations)
-        if active and active[0].is_established:
-            return active[0]
-        time.sleep(0.01)
-    raise AssertionError("no established association on the receiver")
+def _server_association(server: Any) -> Association:
+    return wait_for(
+        lambda: next((a for a in server.active_associations if a.is_established), None),
+        timeout=10,
+        interval=0.01,
+        what="an established association on the receiver",
+    )
 
 
 def _counting(owner: Any, name: str, counts: dict[str, int]) -> None:

@@ -695,9 +695,8 @@ class _GuardedDUL(DULServiceProvider):
         """Block until the peer sends, the association queues a primitive or this thread
         is stopped (at most DUL_IDLE_WAIT_S): only on an established association with
         nothing under way, where pynetdicom would sleep 1 ms and look again."""
-        waker = self._waker
         if (
-            waker is None
+            self._waker is None
             or self._kill_thread
             or self._incoming is not None
             or self.state_machine.current_state != "Sta6"
@@ -705,17 +704,29 @@ class _GuardedDUL(DULServiceProvider):
             or not self.event_queue.empty()
         ):
             return
+        self._readable_within(DUL_IDLE_WAIT_S)
+
+    def _readable_within(self, wait: float) -> bool:
+        """Whether the socket has data now or within ``wait`` s; a wake-up (a primitive
+        queued, a stop) ends the wait early. A closed socket is left to pynetdicom's
+        own check, which reports it."""
         sock = cast(_ReplaySocket, self.socket)
+        if sock.ready:
+            return True
         raw = sock.socket
-        if raw is None or sock.ready:
-            return
+        if raw is None:
+            return False
+        waker = self._waker
+        watched = [raw] if waker is None else [raw, waker[0]]
         try:
-            select.select([raw, waker[0]], [], [], DUL_IDLE_WAIT_S)
+            readable, _, _ = select.select(watched, [], [], wait)
         except (OSError, ValueError):
-            return  # closed: pynetdicom's own check reports it
-        with contextlib.suppress(OSError):
-            while waker[0].recv(4096):
-                pass
+            return False
+        if waker is not None and waker[0] in readable:
+            with contextlib.suppress(OSError):
+                while waker[0].recv(4096):
+                    pass
+        return raw in readable
 
     def _take_p_data(self, body: bytearray) -> bool:
         """Handle a P-DATA-TF PDU on the direct path; False: leave it to pynetdicom."""
@@ -831,18 +842,8 @@ class _GuardedDUL(DULServiceProvider):
         something to send or is told to stop."""
         if self._kill_thread or not self.to_provider_queue.empty():
             return False
-        sock = cast(_ReplaySocket, self.socket)
-        if sock.ready:
-            return True
-        raw = sock.socket
-        if raw is None:
-            return False
         wait = NEXT_FRAGMENT_WAIT_S if self._incoming is not None else NEXT_REQUEST_WAIT_S
-        try:
-            readable, _, _ = select.select([raw], [], [], wait)
-        except (OSError, ValueError):
-            return False
-        return bool(readable)
+        return self._readable_within(wait)
 
     def _read_one_pdu(self) -> bool:
         """Read one PDU; True when the direct path consumed it."""
