@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +30,71 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+#: Helper threads that run background fsyncs (:func:`start_fsync`), shared process-wide.
+BACKGROUND_SYNC_THREADS = 8
+#: How long :func:`start_fsync` waits for a helper thread to take the fsync up.
+_SYNC_START_WAIT_S = 0.05
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(BACKGROUND_SYNC_THREADS, "fsync")
+        return _sync_pool
+
+
+def start_fsync(fd: int) -> Future[None]:
+    """fsync ``fd`` in a helper thread, which then closes it; the caller may go on
+    with Python work meanwhile and must not use or close ``fd`` itself.
+
+    Returns once the helper has entered the fsync (or after a short wait when every
+    helper is busy): a helper thread that is only queued needs the GIL to start, and
+    would not get it before the caller blocks, so the fsync would not overlap anything.
+
+    Returns
+    -------
+    Future
+        Done when the data is on the disk; its ``result()`` raises the fsync's OSError.
+    """
+    started = threading.Event()
+
+    def sync() -> None:
+        started.set()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    try:
+        future = _pool().submit(sync)
+    except RuntimeError:  # interpreter shutting down: no new threads, sync here
+        done: Future[None] = Future()
+        try:
+            sync()
+        except OSError as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        return done
+    started.wait(_SYNC_START_WAIT_S)
+    return future
+
+
+def start_fsync_dir(path: Path) -> Future[None]:
+    """:func:`fsync_dir` in a helper thread (:func:`start_fsync`); a folder that cannot
+    be opened gives a future that is already done, as :func:`fsync_dir` ignores it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+    return start_fsync(fd)
 
 
 def fsync_file(path: Path) -> None:

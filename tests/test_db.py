@@ -480,3 +480,27 @@ def test_requeue_job_hands_back_only_the_workers_own_job(db: Database) -> None:
     assert db.get_job(first).state == JobState.QUEUED
     assert db.get_job(other.id).state == JobState.RUNNING
     assert not db.requeue_job(first, "w1")  # no longer running
+
+
+def test_before_commit_runs_inside_the_transaction_and_can_roll_it_back(
+    tmp_path: Path, db: Database
+) -> None:
+    other = Database(f"sqlite:///{tmp_path / 'state' / 'jobs.db'}")
+    seen: list[object] = []
+
+    def look() -> None:  # from a second connection: the row is not committed yet
+        seen.append(other.instance_path("1.7.1"))
+
+    assert db.record_instance(inst("1.7", 1), PROFILES, now=at(0), before_commit=look)
+    assert seen == [None]
+    assert other.instance_path("1.7.1") == Path("/spool/incoming/1.7/1.7.1.dcm")
+
+    def fail() -> None:
+        raise OSError("the file's folder could not be synced")
+
+    with pytest.raises(OSError, match="synced"):
+        db.record_instance(inst("1.7", 2), PROFILES, now=at(1), before_commit=fail)
+    assert other.instance_path("1.7.2") is None
+    (job,) = db.list_jobs()
+    assert job.source_instances == 1  # the series count was rolled back with the row
+    other.close()

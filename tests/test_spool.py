@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ldct_node import fsutil
 from ldct_node.service.spool import BYTES_PER_GB, Spool, safe_name
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -57,6 +59,7 @@ def test_store_bytes_is_idempotent_and_keeps_the_first_copy(
     assert other == first
     assert first.read_bytes() == b"first"
     assert any("different content" in r.getMessage() for r in caplog.records)
+    assert list(spool.tmp.iterdir()) == []  # the re-sent copy, staged first, is dropped
 
 
 def test_writer_callback_and_failure_leave_nothing_half_written(tmp_path: Path) -> None:
@@ -167,3 +170,60 @@ def test_purge_paths_deletes_files_and_empty_parents_only(tmp_path: Path) -> Non
     assert c.exists() and outside.exists()  # nothing deleted when one path is bad
     with pytest.raises(ValueError, match="spool area"):
         spool.purge_paths([spool.incoming])
+
+
+def test_a_staged_instance_gets_its_final_name_only_when_committed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(70_000)
+    final = spool.instance_path(SOP, SERIES)
+    with spool.stage(data) as staged:
+        (tmp,) = spool.tmp.iterdir()
+        assert tmp.read_bytes() == data and _mode(tmp) == 0o600
+        assert not final.exists()
+        path = staged.file_as(sop_instance_uid=SOP, series_instance_uid=SERIES)
+        staged.wait_durable()
+    assert path == final and final.read_bytes() == data and _mode(final) == 0o600
+    assert list(spool.tmp.iterdir()) == []
+    with pytest.raises(RuntimeError, match="already filed"):
+        staged.commit(sop_instance_uid=SOP, series_instance_uid=SERIES)
+
+
+def test_a_staged_instance_left_uncommitted_is_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ZeroDivisionError), spool.stage(b"refused later"):
+        _ = 1 / 0  # e.g. the header turned out unparseable
+    assert list(spool.tmp.iterdir()) == []
+    assert list(spool.incoming.iterdir()) == []
+    with pytest.raises(TypeError, match="data"):
+        spool.stage("text")  # type: ignore[arg-type]
+
+
+def test_start_fsync_returns_while_the_fsync_runs_and_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, b"data")
+    synced = fsutil.start_fsync(fd)
+    assert entered.is_set()  # the helper is inside the fsync when the call returns
+    assert not synced.done()
+    release.set()
+    synced.result(timeout=30)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the helper closed it
+
+
+def test_start_fsync_reports_the_fsync_error(tmp_path: Path) -> None:
+    not_open = 1_000_000 - 7  # far above any descriptor this process has
+    with pytest.raises(OSError):
+        fsutil.start_fsync(not_open).result(timeout=30)
+    assert fsutil.start_fsync_dir(tmp_path / "missing").result(timeout=30) is None

@@ -5,10 +5,11 @@ in the job database, so a success status means nothing can be lost::
 
     Affected SOP Instance UID a valid UID?  no -> 0x0117 (invalid object instance)
     free space >= storage.min_free_gb?      no -> 0xA700 (nothing written)
-    header parses (no pixel decoding)?      no -> 0xC210
-    SOP/Series/Study UIDs present?          no -> 0xC212
-    SOP class/instance match the request?   no -> 0xA900 / 0xC213
-    spool.store_bytes(bytes as received)    (an existing file is kept, nothing written)
+    spool.stage(bytes as received)          tmp/ file written, its fsync under way
+    header parses (no pixel decoding)?      no -> 0xC210  \
+    SOP/Series/Study UIDs present?          no -> 0xC212   | a refusal removes
+    SOP class/instance match the request?   no -> 0xA900 / 0xC213  / the tmp/ file
+    staged.commit (fsync done, renamed)     (an existing file is kept, the copy dropped)
     db.record_instance                      already recorded (same SOP UID)? -> 0x0000
                                             (idempotent) else recorded -> 0x0000
 
@@ -344,36 +345,43 @@ def _store(ctx: ReceiverContext, assoc: Any, incoming: IncomingStore) -> tuple[i
     if not ctx.spool.has_space(ctx.settings.storage.min_free_gb, len(data)):
         raise _RefusedError(OUT_OF_RESOURCES, "spool below storage.min_free_gb")
 
-    ds = _read_header(data)
-    sop_uid = _uid(ds, "SOPInstanceUID")
-    series_uid = _uid(ds, "SeriesInstanceUID")
-    study_uid = _uid(ds, "StudyInstanceUID")
-    sop_class = _uid(ds, "SOPClassUID") if "SOPClassUID" in ds else ""
-    requested_class = incoming.sop_class
-    if sop_class != requested_class:
-        raise _RefusedError(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"dataset SOP class {sop_class or '(none)'} != negotiated "
-            f"{printable(requested_class, 70)}",
-        )
-    if sop_uid != requested_uid:
-        raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
+    # The bytes go to the spool's tmp/ first and their fsync runs while the header is
+    # parsed and checked (it names the final file); with the folder's fsync under the
+    # row's statements (below): 89 -> 116 images/s of 512x512 over one association.
+    with ctx.spool.stage(data) as staged:
+        ds = _read_header(data)
+        sop_uid = _uid(ds, "SOPInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        sop_class = _uid(ds, "SOPClassUID") if "SOPClassUID" in ds else ""
+        requested_class = incoming.sop_class
+        if sop_class != requested_class:
+            raise _RefusedError(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"dataset SOP class {sop_class or '(none)'} != negotiated "
+                f"{printable(requested_class, 70)}",
+            )
+        if sop_uid != requested_uid:
+            raise _RefusedError(SOP_INSTANCE_MISMATCH, "dataset SOPInstanceUID != request's")
 
-    skip_reason = processing_skip_reason(ds, ctx.settings.series)
-    calling_aet = str(assoc.requestor.ae_title).strip()
-    profiles = ctx.profiles
-    if skip_reason is None:
-        profiles = [p.name for p in matching_profiles(ds, calling_aet, ctx.settings.outputs)]
-        if not profiles:
-            skip_reason = NO_MATCHING_PROFILE
-            if ctx.first_unrouted(series_uid):
-                logger.info(
-                    "series %s from %s matches no output profile (calling AE, "
-                    "SeriesDescription or ConvolutionKernel filters): stored, not processed",
-                    series_uid,
-                    printable(calling_aet) or "?",
-                )
-    path = ctx.spool.store_bytes(data, sop_instance_uid=sop_uid, series_instance_uid=series_uid)
+        skip_reason = processing_skip_reason(ds, ctx.settings.series)
+        calling_aet = str(assoc.requestor.ae_title).strip()
+        profiles = ctx.profiles
+        if skip_reason is None:
+            profiles = [p.name for p in matching_profiles(ds, calling_aet, ctx.settings.outputs)]
+            if not profiles:
+                skip_reason = NO_MATCHING_PROFILE
+                if ctx.first_unrouted(series_uid):
+                    logger.info(
+                        "series %s from %s matches no output profile (calling AE, "
+                        "SeriesDescription or ConvolutionKernel filters): stored, not processed",
+                        series_uid,
+                        printable(calling_aet) or "?",
+                    )
+        modality = str(ds.get("Modality", "") or "").strip() or None
+        instance_number = _optional_int(ds, "InstanceNumber")
+        z_position = slice_position(ds)
+        path = staged.file_as(sop_instance_uid=sop_uid, series_instance_uid=series_uid)
     record = ReceivedInstance(
         sop_instance_uid=sop_uid,
         series_instance_uid=series_uid,
@@ -382,13 +390,14 @@ def _store(ctx: ReceiverContext, assoc: Any, incoming: IncomingStore) -> tuple[i
         transfer_syntax_uid=incoming.transfer_syntax,
         path=path,
         calling_aet=calling_aet,
-        modality=(str(ds.get("Modality", "") or "").strip() or None),
-        instance_number=_optional_int(ds, "InstanceNumber"),
-        z_position=slice_position(ds),
+        modality=modality,
+        instance_number=instance_number,
+        z_position=z_position,
         skip_reason=skip_reason,
         size_bytes=len(data),
     )
-    if not ctx.db.record_instance(record, profiles):
+    # The row's statements run while the rename's folder fsync does; the commit waits.
+    if not ctx.db.record_instance(record, profiles, before_commit=staged.wait_durable):
         # Already recorded (a re-send, or a concurrent copy that won): the first one is
         # kept, and a copy filed under another series must not linger unreferenced.
         # There is no lookup before the write: the insert is the duplicate check, and

@@ -15,20 +15,29 @@ Every file lands at its final path by the same steps: write a temporary file in
 the directory. A crash at any point leaves either no file or the complete file under
 the final name; what remains in ``tmp/`` is removed by :meth:`Spool.clean_tmp` at
 startup.
+
+A received instance takes the same steps in two calls (:meth:`Spool.stage`, then
+:meth:`StagedInstance.commit`), so that the fsync of its data runs in a helper thread
+while the receiver parses the header it needs for the final name: the disk's wait and
+the parsing overlap instead of adding up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
+from types import TracebackType
 
-from ldct_node.fsutil import Content, fsync_dir, write_atomic
+from ldct_node.fsutil import Content, fsync_dir, start_fsync, start_fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +75,87 @@ def _same_content(path: Path, data: bytes | bytearray | memoryview) -> bool:
         return path.read_bytes() == bytes(data)
     except OSError:
         return False
+
+
+class StagedInstance:
+    """A received instance written to the spool's ``tmp/``, its fsync under way
+    (:meth:`Spool.stage`): :meth:`commit` (or :meth:`file_as`, then
+    :meth:`wait_durable`) files it under its final name; leaving the ``with`` block
+    before that removes it."""
+
+    def __init__(
+        self, spool: Spool, data: bytes | bytearray | memoryview, tmp: Path, synced: Future[None]
+    ) -> None:
+        self._spool = spool
+        self._data = data
+        self._tmp: Path | None = tmp
+        self._synced = synced
+        self._folder_synced: Future[None] | None = None
+
+    def __enter__(self) -> StagedInstance:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.discard()
+
+    def commit(self, *, sop_instance_uid: str, series_instance_uid: str) -> Path:
+        """:meth:`file_as`, then :meth:`wait_durable`: the final path, on the disk."""
+        final = self.file_as(
+            sop_instance_uid=sop_instance_uid, series_instance_uid=series_instance_uid
+        )
+        self.wait_durable()
+        return final
+
+    def file_as(self, *, sop_instance_uid: str, series_instance_uid: str) -> Path:
+        """Wait for the data to be on the disk, rename the file into place and start the
+        fsync of its folder; the final path. The rename is durable only once
+        :meth:`wait_durable` returns. As :meth:`Spool.store_bytes`: an instance already
+        stored is kept (the staged copy is dropped; different content is logged)."""
+        tmp = self._tmp
+        if tmp is None:
+            raise RuntimeError("staged instance already filed or discarded")
+        final = self._spool.instance_path(sop_instance_uid, series_instance_uid)
+        try:
+            if final.exists():
+                if not _same_content(final, self._data):
+                    logger.warning(
+                        "SOP instance %s re-sent with different content; keeping the first copy",
+                        safe_name(sop_instance_uid),
+                    )
+                return final
+            self._synced.result()
+            self._spool._make_dir(final.parent)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # a concurrent clean-up removed the empty folder
+                self._spool._make_dir(final.parent)
+                os.replace(tmp, final)
+            self._tmp = None
+            self._folder_synced = start_fsync_dir(final.parent)
+        finally:
+            self.discard()
+        return final
+
+    def wait_durable(self) -> None:
+        """Block until the rename of :meth:`file_as` is on the disk (at once when it kept
+        an existing file). Errors of the folder's fsync are ignored, as
+        :func:`ldct_node.fsutil.fsync_dir` ignores them."""
+        folder_synced = self._folder_synced
+        if folder_synced is not None:
+            with contextlib.suppress(OSError):
+                folder_synced.result()
+
+    def discard(self) -> None:
+        """Remove the staged file, unless committed (no-op then, and when called again)."""
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 class Spool:
@@ -126,15 +216,36 @@ class Spool:
             The file's bytes (preamble, file meta and dataset as received), or a
             callback that writes them to the binary file it is given.
         """
+        if isinstance(data, bytes | bytearray | memoryview):
+            with self.stage(data) as staged:
+                return staged.commit(
+                    sop_instance_uid=sop_instance_uid, series_instance_uid=series_instance_uid
+                )
         final = self.instance_path(sop_instance_uid, series_instance_uid)
         if final.exists():
-            if isinstance(data, bytes | bytearray | memoryview) and not _same_content(final, data):
-                logger.warning(
-                    "SOP instance %s re-sent with different content; keeping the first copy",
-                    safe_name(sop_instance_uid),
-                )
             return final
         return self.write_atomic(final, data)
+
+    def stage(self, data: bytes | bytearray | memoryview) -> StagedInstance:
+        """Write a received instance's bytes to a temporary file and start its fsync in
+        a helper thread; :meth:`StagedInstance.commit` gives it its final name.
+
+        Use it as a context manager: leaving it uncommitted removes the file.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+        fd, name = tempfile.mkstemp(prefix="r-", suffix=".part", dir=self.tmp)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        return StagedInstance(self, data, Path(name), start_fsync(fd))
 
     def write_atomic(self, final: Path | str, data: Content) -> Path:
         """Write a file inside the spool so that it appears complete or not at all.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -166,6 +166,7 @@ class Intake(Store):
         instance: ReceivedInstance,
         profiles: Sequence[str],
         now: datetime | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> bool:
         """Record a stored instance; create or re-open the series' jobs.
 
@@ -176,6 +177,12 @@ class Intake(Store):
             re-opens no job.
         profiles
             Names of the configured output profiles: one job per profile.
+        before_commit
+            Called after the statements, before the commit of a new instance (again
+            if the transaction runs again); what it raises rolls it back. The
+            receiver waits there for its file's rename to be on the disk, so that the
+            statements run while the disk works, and the row is still never durable
+            before its file.
 
         Returns
         -------
@@ -197,7 +204,7 @@ class Intake(Store):
         now = _now(now)
         for attempt in range(1, _MAX_TRANSIENT_RETRIES + 1):
             try:
-                return self._record_instance(instance, tuple(profiles), now)
+                return self._record_instance(instance, tuple(profiles), now, before_commit)
             except IntegrityError:
                 # A concurrent writer inserted the same series or SOP instance first
                 # (only possible without BEGIN IMMEDIATE, i.e. on server databases).
@@ -220,7 +227,11 @@ class Intake(Store):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _record_instance(
-        self, inst: ReceivedInstance, profiles: tuple[str, ...], now: datetime
+        self,
+        inst: ReceivedInstance,
+        profiles: tuple[str, ...],
+        now: datetime,
+        before_commit: Callable[[], None] | None,
     ) -> bool:
         # Core statements, locking in the order the ORM version did (series, then its
         # jobs). The ORM took 8.5 ms an instance here, most of it Python around five
@@ -254,6 +265,8 @@ class Intake(Store):
                 return False
             if not skipped:
                 self._open_jobs(conn, series_id, profiles, now)
+            if before_commit is not None:
+                before_commit()
         return True
 
     @staticmethod
