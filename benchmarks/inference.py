@@ -95,6 +95,27 @@ def numpy_matmul_gflops(n: int, repeats: int) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+#: Rows of the convolution-shaped GEMM: a 128x128 tile of pixels, as a blocked
+#: convolution would hand one to BLAS (a whole 512x512 slice would need 600 MB).
+CONV_GEMM_ROWS = 16_384
+
+
+def conv_gemm_gflops(repeats: int, rows: int = CONV_GEMM_ROWS) -> float:
+    """GFLOP/s of numpy's float32 GEMM in the shape of one hidden 3x3 64 -> 64
+    convolution written as a matrix product (``rows`` pixels x 576 @ 576 x 64): what
+    the same BLAS reaches on the model's own arithmetic, beside its square matmul."""
+    rng = np.random.default_rng(0)
+    patches = rng.standard_normal((rows, 9 * 64)).astype(np.float32)
+    kernel = rng.standard_normal((9 * 64, 64)).astype(np.float32)
+    patches @ kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        patches @ kernel
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * rows * 9 * 64 * 64 / best / 1e9
+
+
 def fma_peak_gflops() -> tuple[float, str] | None:
     """The CPU's nominal float32 FMA peak: cores x clock x FLOP per cycle, assuming two
     FMA units of the widest vector the flags show (AVX-512: 16 lanes, AVX2: 8). None
@@ -214,12 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cascade = cascades[(engine, precision)]
         cascade.batch_size = batch
         cascade.denoise(volume[:batch])
-    numpy_best = 0.0
+    numpy_best = conv_gemm = 0.0
     for _ in range(args.repeats):
         for d in mm_dtypes:
             mm_best[d] = max(mm_best[d], matmul_gflops(args.matmul_n, d, 1))
         if args.device != "gpu":
             numpy_best = max(numpy_best, numpy_matmul_gflops(args.matmul_n, 1))
+            conv_gemm = max(conv_gemm, conv_gemm_gflops(1))
         for config in configs:
             engine, precision, batch = config
             cascade = cascades[(engine, precision)]
@@ -246,6 +268,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = fma_peak_gflops() if args.device != "gpu" else None
     if peak is not None:
         print(f"nominal CPU FMA peak float32: {peak[0]:.0f} GFLOP/s ({peak[1]})")
+    if conv_gemm:
+        print(
+            f"numpy float32 GEMM in a 3x3 64->64 convolution's shape ({CONV_GEMM_ROWS} x 576 "
+            f"@ 576 x 64): {conv_gemm:.0f} GFLOP/s"
+            + (
+                f" = {conv_gemm / mm_best['float32']:.2f} x the roofline"
+                if "float32" in mm_best
+                else ""
+            )
+        )
     print(f"model: {params:,} parameters, {flop_per_slice / 1e9:.1f} GFLOP per slice")
     print(
         f"{'engine':7s} {'precision':13s} {'batch':>5s} {'slices/s':>9s} "
@@ -308,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "matmul_gflops": mm_best,
         "backend_matmul_gflops": backend_mm,
         "numpy_matmul_gflops": numpy_best,
+        "conv_gemm_gflops": conv_gemm or None,
         "fma_peak_gflops": peak[0] if peak else None,
         "rows": rows,
         "ratios": ratios,

@@ -65,6 +65,7 @@ def test_inference_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         result["backend_matmul_gflops"]["float32"], result["numpy_matmul_gflops"]
     )
     assert "nominal CPU FMA peak" in printed
+    assert result["conv_gemm_gflops"] > 0 and "convolution's shape" in printed
 
 
 @needs_dcmtk
