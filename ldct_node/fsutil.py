@@ -48,6 +48,17 @@ def _pool() -> ThreadPoolExecutor:
         return _sync_pool
 
 
+def _forget_pool() -> None:
+    # A forked child has none of the parent's threads: the inherited pool would count
+    # them as idle and never run what it is given.
+    global _sync_pool, _sync_pool_lock
+    _sync_pool = None
+    _sync_pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def start_fsync(fd: int) -> Future[None]:
     """fsync ``fd`` in a helper thread, which then closes it; the caller may go on
     with Python work meanwhile and must not use or close ``fd`` itself.

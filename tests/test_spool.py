@@ -227,3 +227,17 @@ def test_start_fsync_reports_the_fsync_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         fsutil.start_fsync(not_open).result(timeout=30)
     assert fsutil.start_fsync_dir(tmp_path / "missing").result(timeout=30) is None
+
+
+def test_start_fsync_works_in_a_forked_child(tmp_path: Path) -> None:
+    fsutil.start_fsync(os.open(tmp_path / "parent", os.O_CREAT | os.O_WRONLY, 0o600)).result(30)
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's helper threads are not here
+        try:
+            fd = os.open(tmp_path / "child", os.O_CREAT | os.O_WRONLY, 0o600)
+            fsutil.start_fsync(fd).result(timeout=10)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
