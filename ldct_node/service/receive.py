@@ -9,9 +9,10 @@ in the job database, so a success status means nothing can be lost::
     header parses (no pixel decoding)?      no -> 0xC210  \
     SOP/Series/Study UIDs present?          no -> 0xC212   | a refusal removes
     SOP class/instance match the request?   no -> 0xA900 / 0xC213  / the tmp/ file
-    staged.commit (fsync done, renamed)     (an existing file is kept, the copy dropped)
+    staged.file_as (fsync done, renamed)    (an existing file is kept, the copy dropped)
     db.record_instance                      already recorded (same SOP UID)? -> 0x0000
-                                            (idempotent) else recorded -> 0x0000
+      (commits once the folder's fsync,     (idempotent) else recorded -> 0x0000
+       started by file_as, is done)
 
 The bytes are stored exactly as received (file meta built from the negotiated
 presentation context + the dataset bytes), whatever the transfer syntax; decoding
