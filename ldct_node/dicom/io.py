@@ -667,7 +667,7 @@ def slice_normal(ds: Dataset) -> np.ndarray | None:
 
 
 #: The slice normal assumed where an instance has no usable orientation: axial.
-AXIAL_NORMAL = np.array([0.0, 0.0, 1.0])
+AXIAL_NORMAL: tuple[float, float, float] = (0.0, 0.0, 1.0)
 
 
 def slice_position(ds: Dataset, normal: np.ndarray | None = None) -> float | None:
@@ -685,7 +685,7 @@ def slice_position(ds: Dataset, normal: np.ndarray | None = None) -> float | Non
         return None
     if ipp is None:
         return None
-    nx, ny, nz = axis or (0.0, 0.0, 1.0)
+    nx, ny, nz = axis or AXIAL_NORMAL
     value = nx * ipp[0] + ny * ipp[1] + nz * ipp[2]
     return value if math.isfinite(value) else None
 
