@@ -80,19 +80,24 @@ def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
-def numpy_matmul_gflops(n: int, repeats: int) -> float:
-    """GFLOP/s of an ``n x n`` float32 matmul in numpy (its BLAS, e.g. OpenBLAS): a
-    second roofline, often faster on CPUs than the backend's own."""
+def _numpy_gemm_gflops(m: int, k: int, n: int, repeats: int) -> float:
+    """GFLOP/s of numpy's float32 ``m x k @ k x n`` (its BLAS), best of ``repeats``."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(np.float32)
-    b = rng.standard_normal((n, n)).astype(np.float32)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
     a @ b
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best / 1e9
+    return 2.0 * m * k * n / best / 1e9
+
+
+def numpy_matmul_gflops(n: int, repeats: int) -> float:
+    """GFLOP/s of an ``n x n`` float32 matmul in numpy (its BLAS, e.g. OpenBLAS): a
+    second roofline, often faster on CPUs than the backend's own."""
+    return _numpy_gemm_gflops(n, n, n, repeats)
 
 
 #: Rows of the convolution-shaped GEMM: a 128x128 tile of pixels, as a blocked
@@ -104,16 +109,7 @@ def conv_gemm_gflops(repeats: int, rows: int = CONV_GEMM_ROWS) -> float:
     """GFLOP/s of numpy's float32 GEMM in the shape of one hidden 3x3 64 -> 64
     convolution written as a matrix product (``rows`` pixels x 576 @ 576 x 64): what
     the same BLAS reaches on the model's own arithmetic, beside its square matmul."""
-    rng = np.random.default_rng(0)
-    patches = rng.standard_normal((rows, 9 * 64)).astype(np.float32)
-    kernel = rng.standard_normal((9 * 64, 64)).astype(np.float32)
-    patches @ kernel
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        patches @ kernel
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * rows * 9 * 64 * 64 / best / 1e9
+    return _numpy_gemm_gflops(rows, 9 * 64, 64, repeats)
 
 
 def fma_peak_gflops() -> tuple[float, str] | None:
