@@ -117,6 +117,19 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def rename_into(tmp: Path, final: Path, make_dir: Callable[[Path], None] | None) -> None:
+    """``os.replace(tmp, final)``; where ``final``'s folder is gone (a concurrent
+    clean-up removed it, empty) and ``make_dir`` is given, make it again and try once
+    more."""
+    try:
+        os.replace(tmp, final)
+    except FileNotFoundError:
+        if make_dir is None:
+            raise
+        make_dir(final.parent)
+        os.replace(tmp, final)
+
+
 def replace_durably(tmp: Path, final: Path) -> Path:
     """Rename a written temporary file over ``final``: fsync, ``os.replace``, fsync the
     folder. For files written by a library that wants a path (Keras weights)."""
@@ -176,13 +189,7 @@ def write_atomic(
             os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp_name, mode)
-        try:
-            os.replace(tmp_name, final)
-        except FileNotFoundError:
-            if make_dir is None:
-                raise
-            make_dir(final.parent)
-            os.replace(tmp_name, final)
+        rename_into(Path(tmp_name), final, make_dir)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)

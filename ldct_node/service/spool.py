@@ -37,7 +37,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 
-from ldct_node.fsutil import Content, fsync_dir, start_fsync, start_fsync_dir, write_atomic
+from ldct_node.fsutil import (
+    Content,
+    fsync_dir,
+    rename_into,
+    start_fsync,
+    start_fsync_dir,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +137,7 @@ class StagedInstance:
                 return final
             self._synced.result()
             self._spool._make_dir(final.parent)
-            try:
-                os.replace(tmp, final)
-            except FileNotFoundError:  # a concurrent clean-up removed the empty folder
-                self._spool._make_dir(final.parent)
-                os.replace(tmp, final)
+            rename_into(tmp, final, self._spool._make_dir)
             self._tmp = None
             self._folder_synced = start_fsync_dir(final.parent)
         finally:
