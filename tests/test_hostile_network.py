@@ -247,8 +247,10 @@ def test_request_deadline_covers_the_whole_request_not_each_read(tmp_path: Path,
         payload = struct.pack(">BBL", 0x01, 0, 200) + bytes(200)
     security["association_request_timeout"] = 2
     with running_receiver(node_settings(tmp_path, security=security)) as node:
-        sock = socket.create_connection((LOOPBACK, node.port), timeout=5)
+        # Timed from before the connect: the node's deadline starts at its accept, which
+        # can come before create_connection returns here.
         started = time.monotonic()
+        sock = socket.create_connection((LOOPBACK, node.port), timeout=5)
         sent = 0
         try:
             sock.settimeout(0.3)
