@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -221,7 +222,14 @@ def test_two_receivers_three_workers_share_one_postgresql(
     taken_over_after = time.monotonic() - killed_at
     assert done.attempts == 2
     assert done.worker_id != holder.worker_id and done.worker_id in {w.worker_id for w in workers}
-    assert taken_over_after >= LEASE_S - 1  # nobody took it before the lease ran out
+    # Nobody took it before the lease ran out: the second claim came at least LEASE_S
+    # after the dead worker's last heartbeat (the database's own times; the wall-clock
+    # figure above also counts how long before the kill that heartbeat came).
+    assert after_kill.heartbeat_at is not None and done.started_at is not None
+    assert done.started_at >= after_kill.heartbeat_at + timedelta(seconds=LEASE_S), (
+        after_kill.heartbeat_at,
+        done.started_at,
+    )
 
     # The dead worker's host restarts it: three live workers again.
     workers.append(cluster.start("worker", "w3"))
