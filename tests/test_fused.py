@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 
 from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.model.fused import compile_cascade, fold_drl
+from ldct_node.model.fused import compile_cascade, fold_drl, head_taps
 from ldct_node.model.networks import build_cnn10, build_drl
 
 
@@ -102,3 +102,56 @@ def test_bfloat16_within_1_hu_rms_of_float32_on_real_ct() -> None:
     # The trained cascade changes real slices by tens of HU; bf16 must not add 1 HU.
     assert _rms(ref, hu) > 5.0
     assert _rms(out, ref) < 1.0
+
+
+def _conv3x3_same(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Reference 'same' 3x3 convolution (cross-correlation, as Keras) in float64."""
+    n, h, w, _ = image.shape
+    padded = np.pad(image.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[3]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i : i + h, j : j + w, :] @ kernel[i, j].astype(np.float64)
+    return out
+
+
+def test_head_taps_are_the_3x3_kernel_split_by_tap_and_input() -> None:
+    rng = np.random.default_rng(7)
+    kernel = rng.normal(0, 1, (3, 3, 5, 1)).astype(np.float32)
+    taps = head_taps(kernel, (3, 2))
+    assert taps is not None and [t.shape for t in taps] == [(1, 1, 3, 9), (1, 1, 2, 9)]
+    # Projecting each part to the 9 taps, then adding the taps shifted, is the convolution.
+    a, b = rng.normal(0, 1, (2, 6, 7, 3)), rng.normal(0, 1, (2, 6, 7, 2))
+    z = a @ taps[0][0, 0] + b @ taps[1][0, 0]
+    zp = np.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = sum(zp[:, i : i + 6, j : j + 7, 3 * i + j] for i in range(3) for j in range(3))
+    expected = _conv3x3_same(np.concatenate([a, b], axis=-1), kernel)[..., 0]
+    np.testing.assert_allclose(shifted, expected, atol=1e-5)
+    # Other shapes keep the plain convolution.
+    assert head_taps(rng.normal(0, 1, (3, 3, 5, 2)).astype(np.float32), (3, 2)) is None
+    assert head_taps(rng.normal(0, 1, (5, 5, 5, 1)).astype(np.float32), (3, 2)) is None
+    assert head_taps(kernel, (3, 3)) is None
+
+
+def test_the_fused_head_matches_a_trained_drl_head_at_the_image_border(
+    untrained_weights: Path,
+) -> None:
+    """Non-zero head weights (the untrained one is zero) through the tap-form head."""
+    rng = np.random.default_rng(3)
+    net = build_drl()
+    head = net.get_layer("conv7")
+    kernel, bias = head.get_weights()
+    head.set_weights(
+        [
+            rng.uniform(-0.1, 0.1, kernel.shape).astype(np.float32),
+            np.full_like(bias, 0.01),
+        ]
+    )
+    fn = compile_cascade(net, build_drl(residual=False))
+    assert fn is not None
+    x = rng.uniform(0.2, 0.4, (1, 17, 23, 1)).astype(np.float32)
+    expected = np.asarray(net.predict_on_batch(x))
+    got = fn(x)
+    # Every border row and column included: the taps' zero padding is 'same' padding.
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert float(np.abs(expected - x).max()) > 0.01  # the head did change the image
