@@ -193,4 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # As the node's commands run (ldct_node.malloc); LDCT_NODE_HUGE_PAGES=0 for without.
+    from ldct_node.malloc import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     main()

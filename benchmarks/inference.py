@@ -198,13 +198,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import keras
 
+    from ldct_node.malloc import huge_pages_in_use
     from ldct_node.model.cascade import Cascade
 
     backend = keras.backend.backend()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     precisions = args.precisions.split(",")
     engines = args.engines.split(",")
-    print(f"backend {backend}, device {device_name(args.device)}, {args.size}x{args.size} slices")
+    print(
+        f"backend {backend}, device {device_name(args.device)}, {args.size}x{args.size} slices, "
+        f"malloc huge pages {'on' if huge_pages_in_use() else 'off'}"
+    )
 
     cascades: dict[tuple[str, str], Cascade] = {}
     for engine in engines:
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, value in accuracy.items():
         print(f"RMS difference to float32 on a real CT slice, {name}: {value:.3f} HU")
     result = {
+        "huge_pages": huge_pages_in_use(),
         "backend": backend,
         "device": device_name(args.device),
         "size": args.size,
@@ -347,4 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # As the node's commands run (ldct_node.malloc); LDCT_NODE_HUGE_PAGES=0 for without.
+    from ldct_node.malloc import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from conftest import run_cli
 
 from ldct_node.config import OutputProfile
 from ldct_node.dicom.io import decode_hu
+from ldct_node.malloc import huge_page_environment, huge_pages_in_use
 from ldct_node.model.cascade import Cascade
 from ldct_node.pipeline import profile_image
 
@@ -40,6 +42,10 @@ def test_denoise_two_series_in_one_folder(tmp_path: Path, untrained_weights: Pat
     assert res.returncode == 0, res.stderr
     series = _derived_files(out)
     assert sorted(len(v) for v in series.values()) == [2, 3]
+    # The command re-executed itself with huge pages where this machine has them.
+    on = huge_pages_in_use() or huge_page_environment(os.environ) is not None
+    state = "on" if on else "off"
+    assert f"huge pages {state})" in " ".join(res.stderr.split()), res.stderr
 
     cascade = Cascade.load(untrained_weights)
     src_b = [pydicom.dcmread(p) for p in b]

@@ -27,6 +27,7 @@ from _node_util import REPO, echo_ok, needs_storescp, serving, storescu, wait_fo
 from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, load_settings
 from ldct_node.dicom.enhanced import decode_frames_hu
 from ldct_node.dicom.io import InputError, read_instance
+from ldct_node.malloc import huge_page_environment
 from ldct_node.model.cascade import MIN_TILE_CORE, Cascade, plan_tiles, receptive_halo
 from ldct_node.store import MAX_JOB_CRASHES, Database, JobState, ReceivedInstance
 from ldct_node.store.migrate import upgrade
@@ -164,7 +165,8 @@ def memory_run(untrained_weights: Path) -> dict[str, Any]:
         text=True,
         timeout=600,
         check=False,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        # As the node's commands run: with huge pages where this machine has them.
+        env={**(huge_page_environment(os.environ) or os.environ), "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert res.returncode == 0, res.stderr[-3000:]
     figures: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])

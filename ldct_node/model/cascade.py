@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ldct_node.malloc import huge_pages_in_use
 from ldct_node.model.manifest import (
     MANIFEST_NAME,
     STAGE_OUTPUTS,
@@ -409,12 +410,13 @@ class Cascade:
                 memory_budget_mb=memory_budget_mb,
             )
         logger.info(
-            "loaded cascade %s from %s (precision %s, device %s, %s engine)",
+            "loaded cascade %s from %s (precision %s, device %s, %s engine, huge pages %s)",
             manifest.model_version,
             weights_path,
             precision,
             device,
             cascade.engine,
+            "on" if huge_pages_in_use() else "off",
         )
         return cascade
 

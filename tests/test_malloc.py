@@ -1,0 +1,103 @@
+"""Huge pages for inference's large buffers: when the node re-executes itself for them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ldct_node.cli.common import NETWORK_COMMANDS, _command_name
+from ldct_node.malloc import (
+    HUGETLB_TUNABLE,
+    OPT_OUT_VARIABLE,
+    huge_page_environment,
+    huge_pages_in_use,
+)
+
+GLIBC = ("glibc", "2.36")
+MADVISE = "always [madvise] never\n"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin", **extra}
+
+
+def test_the_tunable_is_added_on_linux_glibc_with_transparent_huge_pages() -> None:
+    env = huge_page_environment(_env(), libc=GLIBC, thp_enabled=MADVISE, system="linux")
+    assert env == {"PATH": "/usr/bin", "GLIBC_TUNABLES": f"{HUGETLB_TUNABLE}=1"}
+    # Other tunables are kept, and the new one appended.
+    kept = huge_page_environment(
+        _env(GLIBC_TUNABLES="glibc.malloc.arena_max=2"),
+        libc=GLIBC,
+        thp_enabled="[always] madvise never",
+        system="linux",
+    )
+    assert kept is not None
+    assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGETLB_TUNABLE}=1"
+
+
+@pytest.mark.parametrize(
+    ("environ", "libc", "thp", "system"),
+    [
+        (_env(**{OPT_OUT_VARIABLE: "0"}), GLIBC, MADVISE, "linux"),  # opted out
+        (_env(GLIBC_TUNABLES=f"{HUGETLB_TUNABLE}=0"), GLIBC, MADVISE, "linux"),  # user's own
+        (_env(), ("glibc", "2.31"), MADVISE, "linux"),  # no such tunable before 2.35
+        (_env(), ("", ""), MADVISE, "linux"),  # musl
+        (_env(), GLIBC, "always madvise [never]", "linux"),  # THP off
+        (_env(), GLIBC, "", "linux"),  # no THP file content
+        (_env(), GLIBC, MADVISE, "darwin"),
+    ],
+    ids=["opted-out", "already-set", "old-glibc", "not-glibc", "thp-never", "no-thp", "macos"],
+)
+def test_nothing_is_done_where_it_cannot_help_or_is_not_wanted(
+    environ: dict[str, str], libc: tuple[str, str], thp: str, system: str
+) -> None:
+    assert huge_page_environment(environ, libc=libc, thp_enabled=thp, system=system) is None
+
+
+def test_in_use_reads_the_tunable_value() -> None:
+    assert huge_pages_in_use({"GLIBC_TUNABLES": f"a=1:{HUGETLB_TUNABLE}=1"})
+    assert not huge_pages_in_use({"GLIBC_TUNABLES": f"{HUGETLB_TUNABLE}=0"})
+    assert not huge_pages_in_use({})
+
+
+def _machine_supports() -> bool:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE)}
+    return huge_page_environment(clean) is not None
+
+
+def test_the_process_re_executes_itself_once_keeping_its_pid() -> None:
+    code = (
+        "import os\n"
+        "from ldct_node.malloc import reexec_with_huge_pages\n"
+        "print('start', os.getpid(), flush=True)\n"
+        "reexec_with_huge_pages()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE)}
+    runs = {
+        "default": base,
+        "opted out": {**base, OPT_OUT_VARIABLE: "0"},
+    }
+    for name, env in runs.items():
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        starts = [line for line in lines if line.startswith("start ")]
+        if name == "default" and _machine_supports():
+            # Started twice, in one process: the second start found the tunable set.
+            assert len(starts) == 2 and starts[0] == starts[1], lines
+            assert lines[-1] == f"tunables {HUGETLB_TUNABLE}=1"
+        else:
+            assert len(starts) == 1 and lines[-1] == "tunables ", lines
+
+
+def test_only_the_commands_that_run_the_networks_re_execute() -> None:
+    assert _command_name(["--debug", "serve", "--config", "x.toml"]) == "serve"
+    assert _command_name(["jobs", "list"]) == "jobs"
+    assert _command_name(["--version"]) is None
+    assert {"serve", "denoise", "evaluate", "train"} == NETWORK_COMMANDS
