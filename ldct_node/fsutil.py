@@ -59,6 +59,16 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _done(exc: OSError | None = None) -> Future[None]:
+    """A future that is already done: ``exc`` raised by its ``result()``, or None."""
+    done: Future[None] = Future()
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
+    return done
+
+
 def start_fsync(fd: int) -> Future[None]:
     """fsync ``fd`` in a helper thread, which then closes it; the caller may go on
     with Python work meanwhile and must not use or close ``fd`` itself.
@@ -84,14 +94,11 @@ def start_fsync(fd: int) -> Future[None]:
     try:
         future = _pool().submit(sync)
     except RuntimeError:  # interpreter shutting down: no new threads, sync here
-        done: Future[None] = Future()
         try:
             sync()
         except OSError as exc:
-            done.set_exception(exc)
-        else:
-            done.set_result(None)
-        return done
+            return _done(exc)
+        return _done()
     started.wait(_SYNC_START_WAIT_S)
     return future
 
@@ -102,9 +109,7 @@ def start_fsync_dir(path: Path) -> Future[None]:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        return _done()
     return start_fsync(fd)
 
 

@@ -71,7 +71,7 @@ def huge_page_environment(
     if environ.get(OPT_OUT_VARIABLE, "").strip() == "0":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if HUGETLB_TUNABLE in tunables:
+    if _hugetlb_setting(tunables) is not None:
         return None
     if not (system if system is not None else sys.platform).startswith("linux"):
         return None
@@ -98,20 +98,25 @@ def reexec_with_huge_pages() -> None:
     env = huge_page_environment(os.environ)
     if env is None:
         return
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        # orig_argv: the interpreter's own options too (-X, -W, -m ...), not only sys.argv.
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:
         return  # cannot re-execute (odd install): run as started
+
+
+def _hugetlb_setting(tunables: str) -> str | None:
+    """The value ``GLIBC_TUNABLES`` gives ``glibc.malloc.hugetlb``; None if it names none."""
+    for item in tunables.split(":"):
+        name, _, value = item.partition("=")
+        if name == HUGETLB_TUNABLE:
+            return value.strip()
+    return None
 
 
 def huge_pages_in_use(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process started with ``glibc.malloc.hugetlb`` set to a non-zero value."""
     tunables = (environ if environ is not None else os.environ).get("GLIBC_TUNABLES", "")
-    for item in tunables.split(":"):
-        name, _, value = item.partition("=")
-        if name == HUGETLB_TUNABLE:
-            return value.strip() not in ("", "0")
-    return False
+    return _hugetlb_setting(tunables) not in (None, "", "0")

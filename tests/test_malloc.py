@@ -63,9 +63,13 @@ def test_in_use_reads_the_tunable_value() -> None:
     assert not huge_pages_in_use({})
 
 
+def _clean_environ() -> dict[str, str]:
+    """This process's environment without the tunables and the opt-out."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE)}
+
+
 def _machine_supports() -> bool:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE)}
-    return huge_page_environment(clean) is not None
+    return huge_page_environment(_clean_environ()) is not None
 
 
 def test_the_process_re_executes_itself_once_keeping_its_pid() -> None:
@@ -76,7 +80,7 @@ def test_the_process_re_executes_itself_once_keeping_its_pid() -> None:
         "reexec_with_huge_pages()\n"
         "print('tunables', os.environ.get('GLIBC_TUNABLES', ''))\n"
     )
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT_VARIABLE)}
+    base = _clean_environ()
     runs = {
         "default": base,
         "opted out": {**base, OPT_OUT_VARIABLE: "0"},
