@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (timing, reporting, synthetic CT, DCMTK peers).
+"""Helpers shared by the benchmark scripts (timing, reporting, synthetic CT, DICOM peers).
 
 Benchmarks print figures, they assert nothing. Absolute times depend on the machine
 and on whatever else runs on it; every script therefore measures the things it
@@ -158,9 +158,39 @@ def dcmtk_cmd(name: str, *args: str) -> list[str]:
 
 
 def need_tools(*tools: str) -> None:
+    """Exit with a clear error unless DCMTK's ``tools`` are on PATH (pynetdicom's own
+    apps are used instead where :func:`use_peers` chose them)."""
+    if _PEERS["kind"] == PYTHON_PEERS:
+        return
     missing = [t for t in tools if dcmtk_tool(t) is None]
     if missing:
-        sys.exit(f"error: DCMTK's {', '.join(missing)} not found (apt-get install dcmtk)")
+        sys.exit(
+            f"error: DCMTK's {', '.join(missing)} not found (apt-get install dcmtk, "
+            "or --peers python for pynetdicom's own storescu / storescp)"
+        )
+
+
+#: ``--peers`` of the benchmarks that start DICOM peers: DCMTK's native tools (the
+#: honest anchors), or pynetdicom's own storescu / storescp apps where DCMTK cannot be
+#: installed (the GPU machine: no package registry there). "auto": DCMTK when found.
+PEER_CHOICES = ("auto", "dcmtk", "python")
+DCMTK_PEERS, PYTHON_PEERS = "dcmtk", "python"
+_PEERS = {"kind": DCMTK_PEERS}
+
+
+def use_peers(choice: str) -> str:
+    """Choose the DICOM peers the helpers below start (``--peers``); the kind in use."""
+    if choice not in PEER_CHOICES:
+        raise ValueError(f"choice: one of {', '.join(PEER_CHOICES)}, not {choice!r}")
+    if choice == "auto":
+        found = all(dcmtk_tool(t) for t in ("storescu", "storescp", "echoscu"))
+        choice = DCMTK_PEERS if found else PYTHON_PEERS
+    _PEERS["kind"] = choice
+    return choice
+
+
+def _pynetdicom_app(name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pynetdicom", name, *args]
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
@@ -184,6 +214,9 @@ def wait_until(
 
 
 def echo_ok(port: int, ae_title: str) -> bool:
+    """Whether ``ae_title`` on loopback ``port`` answers a C-ECHO."""
+    if _PEERS["kind"] == PYTHON_PEERS:
+        return _python_echo_ok(port, ae_title)
     result = subprocess.run(
         dcmtk_cmd("echoscu", "-aec", ae_title, "-to", "5", LOOPBACK, str(port)),
         capture_output=True,
@@ -191,6 +224,24 @@ def echo_ok(port: int, ae_title: str) -> bool:
         env=DCMTK_ENV,
     )
     return result.returncode == 0
+
+
+def _python_echo_ok(port: int, ae_title: str) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    try:
+        assoc = ae.associate(LOOPBACK, port, ae_title=ae_title)
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and int(status.Status) == 0
+    finally:
+        ae.shutdown()
 
 
 @contextmanager
@@ -216,21 +267,28 @@ def dicom_peer(
 
 @contextmanager
 def storescp(directory: Path, ae_title: str = "PACS") -> Iterator[int]:
-    """DCMTK storescp on a free loopback port writing into ``directory``; yields the port."""
+    """DCMTK storescp (or pynetdicom's, :func:`use_peers`) on a free loopback port
+    writing into ``directory``; yields the port."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = dcmtk_cmd("storescp", "-aet", ae_title, "-od", str(directory), "+xa", str(port))
+    if _PEERS["kind"] == PYTHON_PEERS:
+        where = ("-aet", ae_title, "-od", str(directory), "-pdu", "0", "-ba", LOOPBACK)
+        cmd = _pynetdicom_app("storescp", *where, str(port))
+    else:
+        cmd = dcmtk_cmd("storescp", "-aet", ae_title, "-od", str(directory), "+xa", str(port))
     with dicom_peer(cmd, directory.parent, port, ae_title, 30, env=DCMTK_ENV) as ready:
         yield ready
 
 
 def storescu(port: int, ae_title: str, files: list[Path]) -> float:
-    """Send ``files`` over one association with DCMTK storescu; returns its wall time."""
+    """Send ``files`` over one association with DCMTK storescu (or pynetdicom's,
+    :func:`use_peers`); returns its wall time."""
+    args = ("-aec", ae_title, "-aet", "BENCH", LOOPBACK, str(port), *map(str, files))
     start = time.perf_counter()
     result = subprocess.run(
-        dcmtk_cmd(
-            "storescu", "-aec", ae_title, "-aet", "BENCH", LOOPBACK, str(port), *map(str, files)
-        ),
+        _pynetdicom_app("storescu", *args)
+        if _PEERS["kind"] == PYTHON_PEERS
+        else dcmtk_cmd("storescu", *args),
         env=DCMTK_ENV,
         capture_output=True,
         text=True,

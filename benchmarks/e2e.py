@@ -16,6 +16,10 @@ and without the loading.
 
     .venv/bin/python benchmarks/e2e.py                        # 64 slices, float32
     .venv/bin/python benchmarks/e2e.py --precision bfloat16 --json e2e.json
+
+Where DCMTK cannot be installed (the GPU machine, ``benchmarks/gpu/run.sh``), ``--peers
+python`` sends with pynetdicom's own storescu and receives with its storescp; "auto"
+(the default) takes DCMTK's when they are on PATH and says which it used.
 """
 
 from __future__ import annotations
@@ -36,18 +40,20 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from _common import (  # noqa: E402
     BUNDLED_WEIGHTS,
+    PEER_CHOICES,
     need_tools,
     node_process,
     report,
     storescp,
     storescu,
+    use_peers,
     wait_until,
     write_series,
 )
 
 
 def stage_times(
-    files: list[Path], work: Path, *, precision: str, batch_size: int, port: int
+    files: list[Path], work: Path, *, precision: str, batch_size: int, device: str, port: int
 ) -> dict[str, float]:
     """Seconds of each stage for the whole series, run one after the other in-process."""
     import numpy as np
@@ -61,7 +67,9 @@ def stage_times(
     from ldct_node.service.forward import send_series
 
     loading = time.perf_counter()
-    cascade = Cascade.load(BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision)
+    cascade = Cascade.load(
+        BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision, device=device
+    )
     t0 = time.perf_counter()
     datasets = [read_instance(f) for f in files]
     hu = np.stack([decode_hu(ds) for ds in datasets])
@@ -88,7 +96,7 @@ def stage_times(
         raise RuntimeError(f"send failed: {result.error}")
     # What `ldct-node denoise FILES --output DIR` runs, whole: load the weights, read,
     # denoise (the first call traces the graph), write.
-    settings = Settings(model={"precision": precision, "batch_size": batch_size})
+    settings = Settings(model={"precision": precision, "batch_size": batch_size, "device": device})
     t6b = time.perf_counter()
     summary = run_denoise(files, work / "offline", settings=settings, weights_dir=BUNDLED_WEIGHTS)
     t7 = time.perf_counter()
@@ -114,11 +122,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--stable-seconds", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument(
+        "--peers", choices=PEER_CHOICES, default="auto", help="sender and destination"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    peers = use_peers(args.peers)
     need_tools("storescu", "storescp", "echoscu")
 
     work = Path(tempfile.mkdtemp(prefix="ldct-e2e-", dir=args.workdir))
@@ -126,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         files = write_series(work / "source", args.slices, args.size)
         print(
             f"{args.slices} slices of {args.size}x{args.size}, precision {args.precision}, "
-            f"batch {args.batch_size}, stable_seconds {args.stable_seconds:g}"
+            f"batch {args.batch_size}, device {args.device}, "
+            f"stable_seconds {args.stable_seconds:g}, {peers} storescu / storescp"
         )
         received = work / "pacs" / "in"
         with storescp(received) as pacs_port:
@@ -139,7 +153,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with node_process(
                 work / "node",
                 stable_seconds=args.stable_seconds,
-                model={"precision": args.precision, "batch_size": args.batch_size},
+                model={
+                    "precision": args.precision,
+                    "batch_size": args.batch_size,
+                    "device": args.device,
+                },
                 destinations=[destination],
             ) as (port, log):
                 storescu(port, "LDCT_NODE", files)
@@ -153,13 +171,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p in received.iterdir():
                 p.unlink()
             stages = stage_times(
-                files, work, precision=args.precision, batch_size=args.batch_size, port=pacs_port
+                files,
+                work,
+                precision=args.precision,
+                batch_size=args.batch_size,
+                device=args.device,
+                port=pacs_port,
             )
         model = stages["model"]
         ratio = (end_to_end - args.stable_seconds) / model
         print(f"end to end (last C-STORE -> last derived at storescp): {end_to_end:.2f} s")
         print(f"model alone: {model:.2f} s ({args.slices / model:.2f} slices/s)")
         print(f"(end to end - stable_seconds) / model: {ratio:.3f}")
+        # The node's throughput from the last C-STORE in, without the wait it makes on
+        # purpose (what a GPU's ">= 0.5 x the engine's slices/s" compares).
+        e2e_rate = args.slices / max(end_to_end - args.stable_seconds, 1e-9)
+        print(f"end to end without stable_seconds: {e2e_rate:.2f} slices/s")
         denoise = stages["ldct-node denoise (run_denoise, load..write)"]
         denoise_ratios = {
             # slices/s of `denoise` over the engine's (model alone), same batch, precision
@@ -179,8 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "size": args.size,
             "precision": args.precision,
             "batch_size": args.batch_size,
+            "device": args.device,
             "stable_seconds": args.stable_seconds,
+            "peers": peers,
             "end_to_end_s": end_to_end,
+            "end_to_end_slices_per_s": e2e_rate,
             "model_s": model,
             "ratio": ratio,
             "denoise_ratios": denoise_ratios,

@@ -131,21 +131,27 @@ def fma_peak_gflops() -> tuple[float, str] | None:
     return peak, f"{cores} cores x {max(mhz) / 1e3:.2f} GHz x {lanes} lanes x 2 FMA units x 2"
 
 
-def low_precision_error(cascades: dict[tuple[str, str], Any]) -> dict[str, float]:
+def low_precision_error(
+    cascades: dict[tuple[str, str], Any], ct_slice: Path | None = None
+) -> dict[str, float]:
     """RMS HU difference of each reduced precision to float32 on a real CT slice.
 
-    The slice is pydicom-data's 512x512 CT (held out from training); skipped without it.
+    The slice is ``ct_slice``, else pydicom-data's 512x512 CT (held out from training);
+    skipped without it.
     """
     try:
         import pydicom
-        from pydicom.data import get_testdata_file
 
         from ldct_node.dicom.io import decode_hu
 
-        path = get_testdata_file("693_UNCR.dcm")
-        if path is None:
-            return {}
-        hu = decode_hu(pydicom.dcmread(path))[None]
+        if ct_slice is None:
+            from pydicom.data import get_testdata_file
+
+            found = get_testdata_file("693_UNCR.dcm")
+            if found is None:
+                return {}
+            ct_slice = Path(str(found))
+        hu = decode_hu(pydicom.dcmread(ct_slice))[None]
     except Exception:  # pydicom-data missing or offline: the accuracy line is optional
         return {}
     errors = {}
@@ -192,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=float,
         default=0.0,
         help="device peak for the precision (e.g. 989 for H100 bf16)",
+    )
+    parser.add_argument(
+        "--ct-slice",
+        type=Path,
+        help="a real CT slice for the reduced precisions' HU error (default: pydicom-data's "
+        "693_UNCR.dcm, fetched if missing)",
     )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    accuracy = low_precision_error(cascades)
+    accuracy = low_precision_error(cascades, args.ct_slice)
     for name, value in accuracy.items():
         print(f"RMS difference to float32 on a real CT slice, {name}: {value:.3f} HU")
     result = {

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pydicom
 import pytest
 from _net_util import dcmtk_tool
 from conftest import REPO, SHARED_VGG
@@ -122,6 +123,8 @@ def test_e2e_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     )
     printed = capsys.readouterr().out
     assert "(end to end - stable_seconds) / model" in printed
+    assert result["peers"] == "dcmtk" and "dcmtk storescu / storescp" in printed
+    assert result["end_to_end_slices_per_s"] > 0
     assert result["end_to_end_s"] > result["stable_seconds"]
     assert result["model_s"] > 0 and result["stages_s"]["send"] > 0
     assert "ratio denoise_vs_engine" in printed
@@ -138,3 +141,54 @@ def test_train_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert "patches/s" in capsys.readouterr().out
     assert all(rate > 0 for rate in result["patches_per_s"].values())
+
+
+def test_python_peers_send_and_receive(tmp_path: Path) -> None:
+    """``--peers python`` (the GPU machine has no DCMTK): pynetdicom's own storescp
+    answers C-ECHO and stores what pynetdicom's storescu sends, over loopback."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    before = _common.use_peers("dcmtk")
+    try:
+        assert before == "dcmtk"
+        assert _common.use_peers("python") == "python"
+        with pytest.raises(ValueError, match="choice"):
+            _common.use_peers("orthanc")
+        files = _common.write_series(tmp_path / "source", 2, 32)
+        received = tmp_path / "pacs" / "in"
+        with _common.storescp(received) as port:
+            assert _common.echo_ok(port, "PACS")
+            _common.storescu(port, "PACS", files)
+            _common.wait_until(
+                lambda: len([p for p in received.iterdir() if p.is_file()]) == 2, 30, "2 files"
+            )
+
+        def uids(paths: list[Path]) -> list[str]:
+            headers = (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
+            return sorted(str(ds.SOPInstanceUID) for ds in headers)
+
+        assert uids(list(received.iterdir())) == uids(files)
+        assert not _common.echo_ok(port, "PACS")  # stopped with its context
+        # pynetdicom's app ran (its log is named after the interpreter), not DCMTK's
+        assert [p.name for p in (tmp_path / "pacs").glob("*.log")] == [
+            f"{Path(sys.executable).name}-{port}.log"
+        ]
+    finally:
+        _common.use_peers("dcmtk")
+
+
+def test_gpu_kit_carries_the_tested_versions() -> None:
+    """benchmarks/gpu/wheels.txt pins what the GPU run installs beside JAX: the versions
+    this test environment runs, so the figures there come from the code tested here."""
+    from importlib.metadata import version
+
+    pins = [
+        line.split("==")
+        for line in (BENCHMARKS / "gpu" / "wheels.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert {"keras", "pydicom", "pynetdicom", "sqlalchemy"} <= {name for name, _ in pins}
+    assert {name: version(name) for name, _ in pins} == dict(pins)
