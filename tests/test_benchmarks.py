@@ -180,15 +180,22 @@ def test_python_peers_send_and_receive(tmp_path: Path) -> None:
         _common.use_peers("dcmtk")
 
 
-def test_gpu_kit_carries_the_tested_versions() -> None:
-    """benchmarks/gpu/wheels.txt pins what the GPU run installs beside JAX: the versions
-    this test environment runs, so the figures there come from the code tested here."""
-    from importlib.metadata import version
+def test_gpu_kit_names_installed_distributions() -> None:
+    """benchmarks/gpu/wheels.txt names what the GPU run carries beside JAX; the fetch
+    takes each at the version installed here, so each must be a distribution this
+    environment has (a typo or a dropped dependency shows here, not on the device)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    pins = [
-        line.split("==")
+    names = [
+        line.strip()
         for line in (BENCHMARKS / "gpu" / "wheels.txt").read_text().splitlines()
-        if line and not line.startswith("#")
+        if line.strip() and not line.startswith("#")
     ]
-    assert {"keras", "pydicom", "pynetdicom", "sqlalchemy"} <= {name for name, _ in pins}
-    assert {name: version(name) for name, _ in pins} == dict(pins)
+    assert {"keras", "pydicom", "pynetdicom", "sqlalchemy", "pydantic"} <= set(names)
+    missing = []
+    for name in names:
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    assert missing == []

@@ -3,6 +3,7 @@
 # `device` tool: JAX and PyTorch there, no TensorFlow, no package registry, no DCMTK).
 #
 #   bash benchmarks/gpu/run.sh fetch     here: the wheels that machine lacks -> .whl/
+#                                        (at the versions of the project's .venv)
 #   bash benchmarks/gpu/run.sh check     here, on the CPU: the same run, small and short
 #   bash benchmarks/gpu/run.sh           there: run(command="bash benchmarks/gpu/run.sh",
 #                                        carry=[".whl"], timeout_s=570)
@@ -27,7 +28,12 @@ fetch() {
     local py=.venv/bin/python  # the project's venv (README), else the PATH's
     [ -x "$py" ] || py=python3
     mkdir -p .whl
-    grep -v '^#' "$here/wheels.txt" | xargs "$py" -m pip download -q --no-deps \
+    rm -f .whl/*.whl  # one version of each: two would stop the install there
+    # name==version as installed in that venv (a name missing there stops the fetch)
+    "$py" -c "import sys; from importlib.metadata import version as v; \
+print('\n'.join(f'{n}=={v(n)}' for n in sys.stdin.read().split() if n))" \
+        < <(grep -v '^#' "$here/wheels.txt") > .whl/pins.txt || exit 1
+    xargs "$py" -m pip download -q --no-deps < .whl/pins.txt \
         --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
