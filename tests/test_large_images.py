@@ -28,7 +28,17 @@ from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, load_s
 from ldct_node.dicom.enhanced import decode_frames_hu
 from ldct_node.dicom.io import InputError, read_instance
 from ldct_node.malloc import huge_page_environment
-from ldct_node.model.cascade import MIN_TILE_CORE, Cascade, plan_tiles, receptive_halo
+from ldct_node.model.cascade import (
+    BUDGET_HEADROOM,
+    BYTES_PER_PIXEL,
+    MIN_TILE_CORE,
+    Cascade,
+    accelerator_free_bytes,
+    plan_tiles,
+    receptive_halo,
+    resident_bytes,
+    runs_on_accelerator,
+)
 from ldct_node.store import MAX_JOB_CRASHES, Database, JobState, ReceivedInstance
 from ldct_node.store.migrate import upgrade
 
@@ -117,6 +127,41 @@ def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(untrained_weight
     assert calls == [2, 2, 1]
     with pytest.raises(ValueError, match="memory_budget_mb"):
         Cascade.load(untrained_weights, memory_budget_mb=0)
+
+
+def test_on_an_accelerator_the_host_budget_holds_only_each_calls_input_and_output(
+    untrained_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the activations are in its memory: the host budget must not cut the
+    batches to the CPU's ~1.8 KB per pixel, and the call must fit what the GPU has free.
+    No GPU here: the planning is checked with the accelerator's free memory given (the
+    real run is benchmarks/gpu/run.sh)."""
+    from ldct_node.model import cascade as cascade_module
+
+    assert not runs_on_accelerator("cpu") and runs_on_accelerator("gpu")
+    assert not runs_on_accelerator("auto")  # TensorFlow on this CPU-only machine
+    assert accelerator_free_bytes() is None  # the TensorFlow backend does not say
+    # ~400 MB left under the budget after what the process holds now
+    budget_mb = resident_bytes() / 2**20 / (1 - BUDGET_HEADROOM) + 400 / (1 - BUDGET_HEADROOM)
+    cpu = Cascade.load(untrained_weights, device="cpu", batch_size=8, memory_budget_mb=budget_mb)
+    assert not cpu.accelerated
+    slice_512 = 512 * 512
+    assert cpu.pixels_per_call() < slice_512  # tiles on the CPU (400 MB / 1.8 KB)
+    gpu = Cascade.load(untrained_weights, device="cpu", batch_size=8, memory_budget_mb=budget_mb)
+    gpu.accelerated = True  # as runs_on_accelerator says on a GPU machine
+    monkeypatch.setattr(cascade_module, "accelerator_free_bytes", lambda: None)
+    assert gpu.pixels_per_call() > 40 * slice_512  # 400 MB / 32 B: the host is no limit
+    device_free = 2 * 2**30
+    monkeypatch.setattr(cascade_module, "accelerator_free_bytes", lambda: device_free)
+    expected = int(device_free * (1 - BUDGET_HEADROOM) // BYTES_PER_PIXEL[gpu.engine])
+    assert gpu.pixels_per_call() == expected  # the GPU's 2 GiB bound the call
+    # The batch follows: 5.5 slices' worth of GPU memory -> calls of 5, then 2.
+    size = 64 * 64
+    room = int(5.5 * size * BYTES_PER_PIXEL[gpu.engine] / (1 - BUDGET_HEADROOM))
+    monkeypatch.setattr(cascade_module, "accelerator_free_bytes", lambda: room)
+    calls: list[int] = []
+    gpu.denoise(np.zeros((7, 64, 64), np.float32), progress=calls.append)
+    assert calls == [5, 2]
 
 
 _MEMORY_SCRIPT = textwrap.dedent(

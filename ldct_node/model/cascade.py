@@ -14,6 +14,9 @@ fit, else one slice, else overlapping tiles of one slice. A tile is extended on 
 side by the networks' receptive-field radius (:func:`receptive_halo`, 34 pixels for the
 DRL cascade), so each output pixel sees exactly the input it sees untiled and the tiled
 result equals the untiled one (up to float rounding of the convolution kernels).
+The budget is the process's (host) memory. Where the networks run on an accelerator
+(a GPU under JAX) their activations live in its memory instead: a call then needs only
+its input and output on the host, and is also sized to what the accelerator has free.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ PRECISION_POLICIES = {
 #: (:func:`return_large_allocations_to_the_system`): fused 1,290 B at 200x200 to 400x400,
 #: the same on every call. Rounded up: the budget must hold.
 BYTES_PER_PIXEL = {"fused": 1_800, "keras": 1_800}
+#: Host memory of one network call per input pixel where the networks run on an
+#: accelerator (their activations are in its memory): the batch in the model range, the
+#: call's output copied back, and the HU conversions around them (float32 each).
+HOST_BYTES_PER_PIXEL_ACCELERATED = 32
 #: Whole-slice arrays :meth:`Cascade.denoise` holds besides the network call, per pixel
 #: of the stack it is given: the float32 output, the out-of-range mask, the merged and
 #: blended copies.
@@ -248,6 +255,52 @@ def _device_scope(device: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def runs_on_accelerator(device: str) -> bool:
+    """Whether the active Keras backend runs the networks on an accelerator for
+    ``model.device`` (``gpu``; ``auto`` where the backend's default device is one)."""
+    if device == "cpu":
+        return False
+    if device == "gpu":
+        return True
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return str(jax.default_backend()) != "cpu"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # a broken accelerator runtime: plan as for the CPU (the safe side)
+        logger.debug("could not tell whether the backend has an accelerator", exc_info=True)
+    return False
+
+
+def accelerator_free_bytes() -> int | None:
+    """Memory still free on the default accelerator (JAX's allocator statistics), or None
+    where the backend does not say."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+
+
 @contextlib.contextmanager
 def _dtype_policy(precision: str) -> Iterator[None]:
     import keras
@@ -307,6 +360,8 @@ class Cascade:
         self.device = device
         self.precision = precision
         self._scope = _device_scope(device)
+        #: Whether the networks run on an accelerator (see :meth:`pixels_per_call`).
+        self.accelerated = runs_on_accelerator(device)
         inp = keras.Input(shape=(None, None, 1), name="ldct")
         x = inp
         for index, (net, output) in enumerate(stages, start=1):
@@ -410,11 +465,12 @@ class Cascade:
                 memory_budget_mb=memory_budget_mb,
             )
         logger.info(
-            "loaded cascade %s from %s (precision %s, device %s, %s engine, huge pages %s)",
+            "loaded cascade %s from %s (precision %s, device %s (%s), %s engine, huge pages %s)",
             manifest.model_version,
             weights_path,
             precision,
             device,
+            "accelerator" if cascade.accelerated else "cpu",
             cascade.engine,
             "on" if huge_pages_in_use() else "off",
         )
@@ -425,7 +481,10 @@ class Cascade:
 
         What is left of ``memory_budget_mb`` (less ``BUDGET_HEADROOM``) after what the
         process holds now and the whole-stack arrays of a ``stack_pixels`` stack,
-        divided by the engine's working memory per pixel. Never below one
+        divided by the engine's working memory per pixel. On an accelerator the call's
+        activations are in its memory: the host needs only
+        ``HOST_BYTES_PER_PIXEL_ACCELERATED`` per pixel, and the call is also sized to
+        what the accelerator has free, where the backend says. Never below one
         ``MIN_TILE_CORE`` tile with its halo (a warning says the budget is overrun).
         """
         if stack_pixels < 0:
@@ -437,7 +496,16 @@ class Cascade:
             - resident_bytes()
             - STACK_BYTES_PER_PIXEL * stack_pixels
         )
-        pixels = int(free // BYTES_PER_PIXEL[self.engine])
+        if self.accelerated:
+            pixels = int(free // HOST_BYTES_PER_PIXEL_ACCELERATED)
+            device_free = accelerator_free_bytes()
+            if device_free is not None:
+                device_pixels = (
+                    device_free * (1.0 - BUDGET_HEADROOM) // BYTES_PER_PIXEL[self.engine]
+                )
+                pixels = min(pixels, int(device_pixels))
+        else:
+            pixels = int(free // BYTES_PER_PIXEL[self.engine])
         floor = (MIN_TILE_CORE + 2 * (self.halo or 0)) ** 2
         if pixels < floor:
             if not self._warned_budget:
