@@ -12,7 +12,13 @@ from pydicom.data import get_testdata_file
 
 from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
-from ldct_node.model.fused import compile_cascade, fold_drl, head_taps
+from ldct_node.model.fused import (
+    batch_bucket,
+    compile_cascade,
+    fold_drl,
+    head_taps,
+    shape_specialised,
+)
 from ldct_node.model.networks import build_cnn10, build_drl
 
 
@@ -155,3 +161,30 @@ def test_the_fused_head_matches_a_trained_drl_head_at_the_image_border(
     # Every border row and column included: the taps' zero padding is 'same' padding.
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert float(np.abs(expected - x).max()) > 0.01  # the head did change the image
+
+
+def test_batch_buckets_are_the_next_power_of_two() -> None:
+    """Under JAX the compiled graph is specialised to its batch size; batches run as the
+    next power of two, so a series' last batch reuses a compiled shape."""
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 63, 64, 65)] == [
+        1, 2, 4, 4, 8, 8, 16, 64, 64, 128
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="count"):
+        batch_bucket(0)
+    assert shape_specialised("jax") and not shape_specialised("tensorflow")
+
+
+def test_batches_of_a_shape_specialised_engine_are_powers_of_two(untrained_weights: Path) -> None:
+    """Each call of such an engine is a power of two up to ``batch_size``, so the last,
+    padded batch of a series never holds more slices than the memory plan allowed."""
+    cascade = Cascade.load(untrained_weights, batch_size=6)
+    assert not cascade._batches_in_powers_of_two  # TensorFlow: traced once for all shapes
+    hu = np.zeros((7, 32, 32), np.float32)
+    calls: list[int] = []
+    plain = cascade.denoise(hu, progress=calls.append)
+    assert calls == [6, 1]
+    cascade._batches_in_powers_of_two = True  # as under KERAS_BACKEND=jax
+    calls = []
+    rounded = cascade.denoise(hu, progress=calls.append)
+    assert calls == [4, 3]  # the 3 run padded to 4 by the JAX engine
+    assert np.allclose(rounded, plain, atol=1e-3)

@@ -352,7 +352,7 @@ class Cascade:
             raise ValueError(f"stages: each stage's output must be one of {STAGE_OUTPUTS}")
         import keras
 
-        from ldct_node.model.fused import compile_cascade
+        from ldct_node.model.fused import compile_cascade, shape_specialised
 
         self.model_version = model_version
         self.method = method
@@ -383,6 +383,11 @@ class Cascade:
             raise ValueError("engine 'fused' needs the DRL cascade (C); use 'keras' or 'auto'")
         #: The engine in use: "fused" or "keras".
         self.engine = "fused" if self._fused is not None else "keras"
+        # Its graph compiles per batch size (JAX): batches of powers of two only, so the
+        # last one of a series, padded up to the next, never exceeds the planned call.
+        self._batches_in_powers_of_two = self._fused is not None and shape_specialised(
+            keras.backend.backend()
+        )
         #: Process memory (MB) inference sizes its calls to stay under; None: unbounded.
         self.memory_budget_mb = memory_budget_mb
         #: Receptive-field radius of the whole pipeline; None: never tiled.
@@ -401,7 +406,14 @@ class Cascade:
             )
 
     def warm_up(self, size: int = 64) -> None:
-        """Run one small slice, so that graph tracing is not paid by the first job."""
+        """Run one small slice, so that graph tracing is not paid by the first job.
+
+        Where the graph compiles per shape on an accelerator (JAX on a GPU), a full
+        batch of 512x512 slices instead, the size a CT series most often has.
+        """
+        if self._batches_in_powers_of_two and self.accelerated:
+            self.denoise(np.zeros((self.batch_size, 512, 512), np.float32))
+            return
         self.denoise(np.zeros((size, size), np.float32))
 
     def predict_model_range(self, batch: np.ndarray) -> np.ndarray:
@@ -564,6 +576,8 @@ class Cascade:
         limit = self.pixels_per_call(stack.size) if max_pixels is None else max_pixels
         if height * width <= limit or self.halo is None:
             per_call = max(1, min(self.batch_size, limit // (height * width)))
+            if self._batches_in_powers_of_two:
+                per_call = 1 << (per_call.bit_length() - 1)  # down to a power of two
             for start in range(0, stack.shape[0], per_call):
                 batch = hu_to_model(stack[start : start + per_call])[..., None]
                 pred = self.predict_model_range(batch)

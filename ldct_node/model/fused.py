@@ -68,6 +68,20 @@ class FoldedConv:
     dilation: int
 
 
+def batch_bucket(count: int) -> int:
+    """The batch size a shape-specialising engine (JAX) runs ``count`` slices as: the
+    next power of two, so that a few compiled shapes serve every batch size."""
+    if count < 1:
+        raise ValueError(f"count: must be >= 1, got {count}")
+    return 1 << (count - 1).bit_length()
+
+
+def shape_specialised(backend: str) -> bool:
+    """Whether ``backend``'s compiled graph is specialised to its input's shape (jax.jit;
+    a tf.function with a None-shaped signature is traced once for all shapes)."""
+    return backend == "jax"
+
+
 def head_taps(kernel: np.ndarray, splits: tuple[int, ...]) -> tuple[np.ndarray, ...] | None:
     """A 3x3 kernel to one channel as 1x1 kernels to its 9 taps, one per input part.
 
@@ -291,7 +305,14 @@ def compile_cascade(
         jitted = jax.jit(graph)
 
         def run_jax(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(jitted(batch), np.float32)
+            # jax.jit compiles once per input shape (seconds on a GPU): a series' last,
+            # shorter batch runs padded with empty slices to a size compiled before.
+            count = len(batch)
+            size = batch_bucket(count)
+            if size != count:
+                pad = np.zeros((size - count, *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, pad])
+            return np.asarray(jitted(batch), np.float32)[:count]
 
         return run_jax
 
