@@ -53,7 +53,7 @@ from _common import (  # noqa: E402
 
 
 def stage_times(
-    files: list[Path], work: Path, *, precision: str, batch_size: int, device: str, port: int
+    files: list[Path], work: Path, *, model: dict[str, Any], port: int
 ) -> dict[str, float]:
     """Seconds of each stage for the whole series, run one after the other in-process."""
     import numpy as np
@@ -67,8 +67,10 @@ def stage_times(
     from ldct_node.service.forward import send_series
 
     loading = time.perf_counter()
+    batch_size = int(model["batch_size"])
+    # The engine alone, as inference.py runs it: no memory budget.
     cascade = Cascade.load(
-        BUNDLED_WEIGHTS, batch_size=batch_size, precision=precision, device=device
+        BUNDLED_WEIGHTS, batch_size=batch_size, precision=model["precision"], device=model["device"]
     )
     t0 = time.perf_counter()
     datasets = [read_instance(f) for f in files]
@@ -96,7 +98,7 @@ def stage_times(
         raise RuntimeError(f"send failed: {result.error}")
     # What `ldct-node denoise FILES --output DIR` runs, whole: load the weights, read,
     # denoise (the first call traces the graph), write.
-    settings = Settings(model={"precision": precision, "batch_size": batch_size, "device": device})
+    settings = Settings.model_validate({"model": model})
     t6b = time.perf_counter()
     summary = run_denoise(files, work / "offline", settings=settings, weights_dir=BUNDLED_WEIGHTS)
     t7 = time.perf_counter()
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
+    parser.add_argument(
+        "--memory-budget-mb", type=float, help="model.memory_budget_mb (default: the config's)"
+    )
     parser.add_argument("--stable-seconds", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
@@ -132,6 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     peers = use_peers(args.peers)
+    model_config: dict[str, Any] = {
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "device": args.device,
+    }
+    if args.memory_budget_mb is not None:
+        model_config["memory_budget_mb"] = args.memory_budget_mb
     need_tools("storescu", "storescp", "echoscu")
 
     work = Path(tempfile.mkdtemp(prefix="ldct-e2e-", dir=args.workdir))
@@ -153,11 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with node_process(
                 work / "node",
                 stable_seconds=args.stable_seconds,
-                model={
-                    "precision": args.precision,
-                    "batch_size": args.batch_size,
-                    "device": args.device,
-                },
+                model=model_config,
                 destinations=[destination],
             ) as (port, log):
                 storescu(port, "LDCT_NODE", files)
@@ -170,14 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 end_to_end = time.perf_counter() - last_store
             for p in received.iterdir():
                 p.unlink()
-            stages = stage_times(
-                files,
-                work,
-                precision=args.precision,
-                batch_size=args.batch_size,
-                device=args.device,
-                port=pacs_port,
-            )
+            stages = stage_times(files, work, model=model_config, port=pacs_port)
         model = stages["model"]
         ratio = (end_to_end - args.stable_seconds) / model
         print(f"end to end (last C-STORE -> last derived at storescp): {end_to_end:.2f} s")
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "precision": args.precision,
             "batch_size": args.batch_size,
             "device": args.device,
+            "memory_budget_mb": args.memory_budget_mb,
             "stable_seconds": args.stable_seconds,
             "peers": peers,
             "end_to_end_s": end_to_end,

@@ -14,7 +14,8 @@
 #   1. inference.py: fused cascade, 512x512, batch 16 and 64, float32 and bfloat16,
 #      slices/s and the fraction of the bf16 peak (--peak-tflops, H200: 989 dense);
 #   2. e2e.py with pynetdicom's storescu / storescp: C-STORE in -> denoised series out,
-#      the node on the GPU (bfloat16, batch 64).
+#      the node on the GPU (bfloat16, batch 64, a 32 GB host budget: that machine has
+#      128 GB, and a CUDA process holds GBs before its first call).
 # Each step has its own time limit, so one that hangs still leaves the others' figures.
 set -uo pipefail
 
@@ -88,7 +89,8 @@ print('keras', keras.__version__, keras.backend.backend())"
     local batch="${batches##*,}"
     step e2e $((240 / scale)) python3 benchmarks/e2e.py --peers python --device "$device" \
         --size "$size" --slices "$slices" --batch-size "$batch" --precision bfloat16 \
-        --stable-seconds 2 --timeout $((200 / scale)) --json "$OUT/e2e.json"
+        --stable-seconds 2 --timeout $((200 / scale)) --memory-budget-mb 32768 \
+        --json "$OUT/e2e.json"
     ls -l "$OUT"
 }
 

@@ -412,7 +412,17 @@ class Cascade:
         batch of 512x512 slices instead, the size a CT series most often has.
         """
         if self._batches_in_powers_of_two and self.accelerated:
-            self.denoise(np.zeros((self.batch_size, 512, 512), np.float32))
+            calls: list[int] = []
+            self.denoise(np.zeros((self.batch_size, 512, 512), np.float32), progress=calls.append)
+            # What the memory plan allows shows here (a budget too small for the host's
+            # share cuts the batch): say it once, as the operator's figure to check.
+            logger.info(
+                "warmed up on the accelerator: %d slice(s) of 512x512 per call "
+                "(model.batch_size %d, model.memory_budget_mb %s)",
+                max(calls, default=0),
+                self.batch_size,
+                "unbounded" if self.memory_budget_mb is None else f"{self.memory_budget_mb:g}",
+            )
             return
         self.denoise(np.zeros((size, size), np.float32))
 
