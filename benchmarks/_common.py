@@ -160,7 +160,7 @@ def dcmtk_cmd(name: str, *args: str) -> list[str]:
 def need_tools(*tools: str) -> None:
     """Exit with a clear error unless DCMTK's ``tools`` are on PATH (pynetdicom's own
     apps are used instead where :func:`use_peers` chose them)."""
-    if _PEERS["kind"] == PYTHON_PEERS:
+    if _python_peers():
         return
     missing = [t for t in tools if dcmtk_tool(t) is None]
     if missing:
@@ -189,6 +189,10 @@ def use_peers(choice: str) -> str:
     return choice
 
 
+def _python_peers() -> bool:
+    return _PEERS["kind"] == PYTHON_PEERS
+
+
 def _pynetdicom_app(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "pynetdicom", name, *args]
 
@@ -215,7 +219,7 @@ def wait_until(
 
 def echo_ok(port: int, ae_title: str) -> bool:
     """Whether ``ae_title`` on loopback ``port`` answers a C-ECHO."""
-    if _PEERS["kind"] == PYTHON_PEERS:
+    if _python_peers():
         return _python_echo_ok(port, ae_title)
     result = subprocess.run(
         dcmtk_cmd("echoscu", "-aec", ae_title, "-to", "5", LOOPBACK, str(port)),
@@ -271,7 +275,7 @@ def storescp(directory: Path, ae_title: str = "PACS") -> Iterator[int]:
     writing into ``directory``; yields the port."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    if _PEERS["kind"] == PYTHON_PEERS:
+    if _python_peers():
         where = ("-aet", ae_title, "-od", str(directory), "-pdu", "0", "-ba", LOOPBACK)
         cmd = _pynetdicom_app("storescp", *where, str(port))
     else:
@@ -286,9 +290,7 @@ def storescu(port: int, ae_title: str, files: list[Path]) -> float:
     args = ("-aec", ae_title, "-aet", "BENCH", LOOPBACK, str(port), *map(str, files))
     start = time.perf_counter()
     result = subprocess.run(
-        _pynetdicom_app("storescu", *args)
-        if _PEERS["kind"] == PYTHON_PEERS
-        else dcmtk_cmd("storescu", *args),
+        _pynetdicom_app("storescu", *args) if _python_peers() else dcmtk_cmd("storescu", *args),
         env=DCMTK_ENV,
         capture_output=True,
         text=True,

@@ -146,38 +146,30 @@ def test_train_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
 def test_python_peers_send_and_receive(tmp_path: Path) -> None:
     """``--peers python`` (the GPU machine has no DCMTK): pynetdicom's own storescp
     answers C-ECHO and stores what pynetdicom's storescu sends, over loopback."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import _common
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    before = _common.use_peers("dcmtk")
-    try:
-        assert before == "dcmtk"
-        assert _common.use_peers("python") == "python"
-        with pytest.raises(ValueError, match="choice"):
-            _common.use_peers("orthanc")
-        files = _common.write_series(tmp_path / "source", 2, 32)
-        received = tmp_path / "pacs" / "in"
-        with _common.storescp(received) as port:
-            assert _common.echo_ok(port, "PACS")
-            _common.storescu(port, "PACS", files)
-            _common.wait_until(
-                lambda: len([p for p in received.iterdir() if p.is_file()]) == 2, 30, "2 files"
-            )
+    common = _load("_common")  # its own copy: the choice below stays in this test
+    assert common.use_peers("dcmtk") == "dcmtk"
+    assert common.use_peers("python") == "python"
+    with pytest.raises(ValueError, match="choice"):
+        common.use_peers("orthanc")
+    files = common.write_series(tmp_path / "source", 2, 32)
+    received = tmp_path / "pacs" / "in"
+    with common.storescp(received) as port:
+        assert common.echo_ok(port, "PACS")
+        common.storescu(port, "PACS", files)
+        common.wait_until(
+            lambda: len([p for p in received.iterdir() if p.is_file()]) == 2, 30, "2 files"
+        )
 
-        def uids(paths: list[Path]) -> list[str]:
-            headers = (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
-            return sorted(str(ds.SOPInstanceUID) for ds in headers)
+    def uids(paths: list[Path]) -> list[str]:
+        headers = (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
+        return sorted(str(ds.SOPInstanceUID) for ds in headers)
 
-        assert uids(list(received.iterdir())) == uids(files)
-        assert not _common.echo_ok(port, "PACS")  # stopped with its context
-        # pynetdicom's app ran (its log is named after the interpreter), not DCMTK's
-        assert [p.name for p in (tmp_path / "pacs").glob("*.log")] == [
-            f"{Path(sys.executable).name}-{port}.log"
-        ]
-    finally:
-        _common.use_peers("dcmtk")
+    assert uids(list(received.iterdir())) == uids(files)
+    assert not common.echo_ok(port, "PACS")  # stopped with its context
+    # pynetdicom's app ran (its log is named after the interpreter), not DCMTK's
+    assert [p.name for p in (tmp_path / "pacs").glob("*.log")] == [
+        f"{Path(sys.executable).name}-{port}.log"
+    ]
 
 
 def test_gpu_kit_names_installed_distributions() -> None:
