@@ -150,3 +150,15 @@ def hu_of(path: Path) -> np.ndarray:
     from ldct_node.dicom.io import decode_hu
 
     return decode_hu(pydicom.dcmread(path))
+
+
+def corrupt_pixel_data_vr(path: Path, vr: bytes = b"O\xff") -> Path:
+    """Overwrite the VR of ``path``'s PixelData element (explicit VR) with ``vr``, as a
+    flipped byte on the way would: the header before it stays readable."""
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010), little endian
+    if at < 0 or data[at + 4 : at + 6] not in (b"OB", b"OW"):
+        raise ValueError(f"{path}: no explicit-VR PixelData element")
+    data[at + 4 : at + 6] = vr
+    path.write_bytes(bytes(data))
+    return path

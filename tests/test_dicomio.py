@@ -12,6 +12,7 @@ import pytest
 from _dicom_util import (
     SYNTAXES,
     compress,
+    corrupt_pixel_data_vr,
     dciodvfy_errors,
     hu_of,
     make_ct_series,
@@ -190,6 +191,17 @@ def test_decode_rejects_corrupt_and_unsupported_pixel_data(tmp_path: Path) -> No
     header_only = pydicom.dcmread(path, stop_before_pixels=True)
     with pytest.raises(InputError, match="no pixel data"):
         decode_hu(header_only)
+
+
+def test_a_pixel_data_element_with_a_corrupt_vr_is_an_input_error(tmp_path: Path) -> None:
+    """The receiver reads the header up to the pixel data, so a flipped byte in the
+    PixelData element's VR reaches the worker: an input error that says so, not pydicom's
+    NotImplementedError (which the worker would report as an internal error)."""
+    path = corrupt_pixel_data_vr(make_ct_series(tmp_path, n=1, size=16)[0])
+    ds = read_instance(path)  # the header is fine
+    assert ds.Rows == 16
+    with pytest.raises(InputError, match=r"pixel data element cannot be read .*Value Repr"):
+        decode_hu(ds)
 
 
 def _header(bits_stored: int, signed: bool, slope: float = 1.0, intercept: float = 0.0) -> Dataset:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from _dicom_util import dciodvfy_errors, make_ct_volume, needs_dciodvfy
+from _dicom_util import corrupt_pixel_data_vr, dciodvfy_errors, make_ct_volume, needs_dciodvfy
 from _enhanced_util import write_enhanced_ct
 
 from ldct_node.config import ENHANCED_CT_IMAGE_STORAGE, DicomSettings, OutputProfile
@@ -56,6 +56,10 @@ def test_broken_multiframe_input_is_an_input_error(enhanced: tuple[Path, np.ndar
     ds.PerFrameFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleSlope = 0
     with pytest.raises(InputError, match="frame 1: unusable rescale"):
         decode_frames_hu(ds)
+    # A corrupt VR on the pixel data element (the header before it reads fine).
+    broken = pydicom.dcmread(corrupt_pixel_data_vr(enhanced[0]))
+    with pytest.raises(InputError, match=r"pixel data element cannot be read .*Value Repr"):
+        decode_frames_hu(broken)
 
 
 @needs_dciodvfy

@@ -44,7 +44,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from ldct_node import __version__
 from ldct_node.config import CT_IMAGE_STORAGE, SeriesSettings
-from ldct_node.dicom.pixels import slice_shape
+from ldct_node.dicom.pixels import has_pixel_data, slice_shape
 from ldct_node.dicom.values import InputError, n_frames, rescale_pair
 from ldct_node.fsutil import write_atomic
 
@@ -345,7 +345,7 @@ def decode_hu(ds: Dataset) -> np.ndarray:
 
 def _decode_hu(ds: Dataset) -> np.ndarray:
     uid = ds.get("SOPInstanceUID", "?")
-    if "PixelData" not in ds or not ds.PixelData:  # absent, or present and empty
+    if not has_pixel_data(ds):  # absent, or present and empty
         raise InputError(f"instance {uid} has no pixel data")
     if n_frames(ds) > 1:
         raise InputError(

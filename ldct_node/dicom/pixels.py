@@ -13,6 +13,28 @@ from ldct_node.dicom.values import InputError
 MAX_SLICE_PIXELS = 4096 * 4096
 
 
+def has_pixel_data(ds: Dataset) -> bool:
+    """Whether ``ds`` holds non-empty pixel data.
+
+    Raises
+    ------
+    InputError
+        The PixelData element cannot be read at all, e.g. its VR is corrupt (pydicom's
+        NotImplementedError "Unknown Value Representation"). The receiver checks the
+        header only, up to the pixel data, so a broken pixel element shows here first.
+    """
+    if "PixelData" not in ds:
+        return False
+    try:
+        return bool(ds.PixelData)
+    except (NotImplementedError, ValueError, TypeError, KeyError) as exc:
+        what = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: its pixel data element cannot be "
+            f"read ({type(exc).__name__}: {what})"
+        ) from exc
+
+
 def slice_shape(ds: Dataset, *, per_frame: bool = False) -> tuple[int, int]:
     """(Rows, Columns) of an instance whose pixels are about to be decoded.
 
@@ -26,7 +48,7 @@ def slice_shape(ds: Dataset, *, per_frame: bool = False) -> tuple[int, int]:
         outside 1 to :data:`MAX_SLICE_PIXELS` pixels.
     """
     uid = ds.get("SOPInstanceUID", "?")
-    if "PixelData" not in ds or not ds.PixelData:  # absent, or present and empty
+    if not has_pixel_data(ds):  # absent, or present and empty
         raise InputError(f"instance {uid} has no pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"instance {uid}: {ds.SamplesPerPixel} samples per pixel, expected 1")
