@@ -187,4 +187,7 @@ def test_batches_of_a_shape_specialised_engine_are_powers_of_two(untrained_weigh
     calls = []
     rounded = cascade.denoise(hu, progress=calls.append)
     assert calls == [4, 3]  # the 3 run padded to 4 by the JAX engine
-    assert np.allclose(rounded, plain, atol=1e-3)
+    # The same to float rounding: oneDNN (on by itself on AVX-512 VNNI/BF16 CPUs) picks
+    # its kernels by batch size, 2.4e-3 HU apart at 1,000 HU (AVX-512 EPYC); the
+    # output is stored in whole HU.
+    np.testing.assert_allclose(rounded, plain, rtol=1e-5, atol=0.01)

@@ -154,8 +154,12 @@ def _setup_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
-def _quiet_backend() -> None:
+def _quiet_backend(debug: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not debug:
+        from ldct_node.cli.startup_chatter import hold_tensorflow_startup_chatter
+
+        hold_tensorflow_startup_chatter()
 
 
 @app.callback()
@@ -165,7 +169,7 @@ def _main(
 ) -> None:
     STATE["debug"] = debug
     _setup_logging(debug)
-    _quiet_backend()
+    _quiet_backend(debug)
     if version:
         out.print(f"ldct-node {__version__}")
         raise typer.Exit(0)
