@@ -9,7 +9,9 @@ SQLite file and real processes (peak RSS read from the kernel).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,10 +114,19 @@ def test_keras_engine_tiles_alike_and_other_networks_get_their_own_halo(
     assert receptive_halo([build_cnn10()]) == 11  # eleven 3x3 convolutions
 
 
-def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(untrained_weights: Path) -> None:
+def test_budget_shrinks_calls_and_too_small_a_budget_still_runs(
+    untrained_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     small = Cascade.load(untrained_weights, device="cpu", memory_budget_mb=1.0)
     floor = (MIN_TILE_CORE + 68) ** 2
-    assert small.pixels_per_call() == floor  # warned, smallest tiles
+    with caplog.at_level(logging.WARNING, logger="ldct_node.model.cascade"):
+        assert small.pixels_per_call() == floor  # smallest tiles
+        assert small.pixels_per_call() == floor
+    warned = [r.getMessage() for r in caplog.records if "too small" in r.getMessage()]
+    # Once, with what the process uses apart from the allocator's free pool.
+    assert len(warned) == 1, warned
+    in_use = int(re.search(r"\((\d+) MB in use", warned[0]).group(1))  # type: ignore[union-attr]
+    assert "memory_budget_mb = 1 " in warned[0] and 0 < in_use <= resident_bytes() // 2**20
     out = small.denoise(np.zeros((200, 200), np.float32))
     assert out.shape == (200, 200) and np.isfinite(out).all()
     unbounded = Cascade.load(untrained_weights, device="cpu", batch_size=4)

@@ -540,8 +540,8 @@ class Cascade:
             raise ValueError(f"stack_pixels: must be >= 0, got {stack_pixels}")
         if self.memory_budget_mb is None:
             return sys.maxsize
-        held = resident_bytes()
-        held -= min(held, pooled_free_bytes())  # reused by this call, not new memory
+        resident = resident_bytes()
+        held = resident - min(resident, pooled_free_bytes())  # the pool is reused, not new
         free = (
             self.memory_budget_mb * (1.0 - BUDGET_HEADROOM) * 2**20
             - held
@@ -562,10 +562,11 @@ class Cascade:
             if not self._warned_budget:
                 logger.warning(
                     "model.memory_budget_mb = %g is too small for this process (%d MB "
-                    "resident before inference): running the smallest tiles, which may "
-                    "exceed it",
+                    "in use before inference, %d MB more resident as the allocator's "
+                    "free pool): running the smallest tiles, which may exceed it",
                     self.memory_budget_mb,
-                    resident_bytes() // 2**20,
+                    held // 2**20,
+                    (resident - held) // 2**20,
                 )
                 self._warned_budget = True
             pixels = floor
