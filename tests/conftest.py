@@ -33,6 +33,25 @@ def run_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProc
     )
 
 
+def run_python(
+    code: str,
+    *args: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` with ``ARGS...`` (``sys.argv[1:]``) in a fresh interpreter: what a
+    test must see from a process start, such as TensorFlow's first import or the
+    allocator's state. ``env`` replaces the environment (default: this one's)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+
+
 def write_weights_dir(
     folder: Path, *, seed: int = 0, model_version: str = "test-untrained"
 ) -> Path:

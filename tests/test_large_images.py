@@ -25,6 +25,7 @@ import pytest
 from _dicom_util import make_ct_series
 from _enhanced_util import write_enhanced_ct
 from _node_util import REPO, echo_ok, needs_storescp, serving, storescu, wait_for, write_config
+from conftest import run_python
 
 from ldct_node.config import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, load_settings
 from ldct_node.dicom.enhanced import decode_frames_hu
@@ -220,12 +221,12 @@ def memory_run(untrained_weights: Path) -> dict[str, Any]:
     """One process: warm up, calls of 200 to 400 pixels a side, then a 1024x1024 slice,
     all under a 1000 MB budget; its memory figures (one TensorFlow start for two tests)."""
     started = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, str(untrained_weights), "1024", str(_BUDGET_MB)],
-        capture_output=True,
-        text=True,
+    res = run_python(
+        _MEMORY_SCRIPT,
+        untrained_weights,
+        "1024",
+        str(_BUDGET_MB),
         timeout=600,
-        check=False,
         # As the node's commands run: with huge pages where this machine has them.
         env={**(huge_page_environment(os.environ) or os.environ), "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
@@ -295,12 +296,8 @@ def test_pooled_free_memory_is_counted_only_where_the_allocator_keeps_a_pool(
     """oneDNN's allocator (TF_ENABLE_ONEDNN_OPTS=1, the default on AVX-512 VNNI/BF16
     CPUs) keeps freed tensors for reuse: the planner counts them as free. TensorFlow's
     plain allocator gives them back to the system: nothing is counted there."""
-    res = subprocess.run(
-        [sys.executable, "-c", _POOL_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    res = run_python(
+        _POOL_SCRIPT,
         env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert res.returncode == 0, res.stderr[-3000:]

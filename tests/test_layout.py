@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_python
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldct_node"
 
@@ -61,9 +61,8 @@ def test_the_node_loads_no_lab_module() -> None:
         "    importlib.import_module(name)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ldct_node'))))\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    res = run_python(code, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
     loaded = json.loads(res.stdout.splitlines()[-1])
     assert "ldct_node.service.node" in loaded
     assert [m for m in loaded if m == "ldct_node.lab" or m.startswith("ldct_node.lab.")] == []

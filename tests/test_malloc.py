@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_python
 
 from ldct_node.cli.common import NETWORK_COMMANDS, _command_name
 from ldct_node.malloc import (
@@ -86,9 +85,7 @@ def test_the_process_re_executes_itself_once_keeping_its_pid() -> None:
         "opted out": {**base, OPT_OUT_VARIABLE: "0"},
     }
     for name, env in runs.items():
-        res = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
-        )
+        res = run_python(code, env=env, timeout=60)
         assert res.returncode == 0, res.stderr
         lines = res.stdout.splitlines()
         starts = [line for line in lines if line.startswith("start ")]

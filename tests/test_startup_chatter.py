@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_python
 
 from ldct_node.cli.startup_chatter import filtered
 
@@ -49,14 +48,7 @@ def test_first_tensorflow_import_writes_no_info_lines_to_stderr(mode: str) -> No
     TensorFlow logs "oneDNN custom operations are on" past TF_CPP_MIN_LOG_LEVEL; held,
     stderr carries only what the program wrote, in order."""
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    res = subprocess.run(
-        [sys.executable, "-c", _IMPORT, mode],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
+    res = run_python(_IMPORT, mode, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     if mode == "held":
         assert res.stderr == "before\nafter 4\n"

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_VGG, run_cli
+from conftest import SHARED_VGG, run_cli, run_python
 
 pytestmark = pytest.mark.skipif(not SHARED_VGG.is_file(), reason="VGG16 weights not in ../shared")
 
@@ -42,14 +40,7 @@ def test_distributed_training_on_two_logical_cpus(tmp_path: Path) -> None:
     args += ["--epochs-perceptual", "1", "--epochs-difference", "1", "--batch-size", "4"]
     args += ["--vgg-weights", SHARED_VGG, "--patch-stride", "16", "--val-fraction", "0.5"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
-    res = subprocess.run(
-        [sys.executable, "-c", _TWO_CPUS, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env=env,
-    )
+    res = run_python(_TWO_CPUS, *args, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in res.stderr, res.stderr[-3000:]
     manifest = json.loads((out / "MANIFEST.json").read_text())
@@ -72,13 +63,6 @@ def test_distributed_refuses_a_batch_smaller_than_the_replicas(tmp_path: Path) -
     args = ["train", "--data", tmp_path, "--output", tmp_path / "w", "--distributed"]
     args += ["--batch-size", "1", "--vgg-weights", SHARED_VGG]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
-    res = subprocess.run(
-        [sys.executable, "-c", _TWO_CPUS, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
+    res = run_python(_TWO_CPUS, *args, env=env, timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "batch_size: 1 is smaller than the 2 replicas" in res.stderr
