@@ -24,21 +24,41 @@ from typing import Any
 
 import numpy as np
 
+if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+    # As the CLI does: TensorFlow's start-up INFO lines (oneDNN's notice, on AVX-512
+    # CPUs) reach stderr past TF_CPP_MIN_LOG_LEVEL; TF_CPP_MIN_LOG_LEVEL=0 shows them.
+    # Not under JAX: the GPU kit's machine has no TensorFlow and not the CLI's packages.
+    from ldct_node.cli.startup_chatter import hold_tensorflow_startup_chatter
+
+    hold_tensorflow_startup_chatter()
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_WEIGHTS = REPO / "weights"
 LOOPBACK = "127.0.0.1"
 
 
+def cpu_isa(flags: set[str]) -> str:
+    """The extensions among /proc/cpuinfo's ``flags`` that set the inference speed: the
+    widest vector set, then bfloat16 in vectors and in AMX tiles (a VM's model name
+    often says only "Intel(R) Xeon(R) Processor")."""
+    vector = next((f for f in ("avx512f", "avx2") if f in flags), "no AVX2")
+    return "+".join([vector, *(f for f in ("avx512_bf16", "amx_bf16") if f in flags)])
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = platform.processor() or platform.machine()
+    named, flags = False, set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and not named:
+                cpu, named = line.split(":", 1)[1].strip(), True
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if flags:
+        cpu = f"{cpu} [{cpu_isa(flags)}]"
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),

@@ -191,3 +191,19 @@ def test_gpu_kit_names_installed_distributions() -> None:
         except PackageNotFoundError:
             missing.append(name)
     assert missing == []
+
+
+def test_the_machine_line_names_the_cpu_extensions_that_set_the_figures() -> None:
+    common = _load("_common")
+    assert common.cpu_isa({"fpu", "avx2", "fma"}) == "avx2"
+    assert common.cpu_isa({"avx2", "avx512f", "avx512_bf16"}) == "avx512f+avx512_bf16"
+    assert common.cpu_isa({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) == (
+        "avx512f+avx512_bf16+amx_bf16"
+    )
+    assert common.cpu_isa({"sse4_2"}) == "no AVX2"
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert common.machine_info()["cpu"].endswith(f"[{common.cpu_isa(flags)}]")
