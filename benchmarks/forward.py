@@ -4,7 +4,8 @@ The same ``--images`` CT files (512x512, uncompressed) go over one association o
 loopback to DCMTK ``storescp`` (and to Orthanc where installed), in turn, ``--repeats``
 times; the best run of each counts. Senders: DCMTK ``storescu`` with ``TCP_NODELAY=1``
 (the anchor) and the node's forwarder, :func:`ldct_node.service.forward.send_series`,
-exactly as a job's forward runs it.
+exactly as a job's forward runs it, over one association and over ``--associations``
+at once (a destination's ``associations``; DCMTK's storescp serves one at a time).
 
     .venv/bin/python benchmarks/forward.py                 # 200 images, 2 repeats
     .venv/bin/python benchmarks/forward.py --images 50 --json forward.json
@@ -41,12 +42,15 @@ from _common import (  # noqa: E402
 )
 
 
-def node_send(port: int, ae_title: str, files: list[Path]) -> float:
-    """Send ``files`` with the node's forwarder over one association; its wall time."""
+def node_send(port: int, ae_title: str, files: list[Path], associations: int = 1) -> float:
+    """Send ``files`` with the node's forwarder over ``associations`` associations at
+    once (the destination's ``associations``); its wall time."""
     from ldct_node.config import Destination
     from ldct_node.service.forward import send_series
 
-    destination = Destination(name="bench", ae_title=ae_title, host=LOOPBACK, port=port)
+    destination = Destination(
+        name="bench", ae_title=ae_title, host=LOOPBACK, port=port, associations=associations
+    )
     start = time.perf_counter()
     result = send_series(files, destination, calling_ae_title="BENCH")
     elapsed = time.perf_counter() - start
@@ -60,6 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=4,
+        help="also send over this many associations at once (a destination's associations)",
+    )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc receiver")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -82,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "storescu": storescu,
             "ldct-node": node_send,
         }
+        many = args.associations
+        if many > 1:
+            senders[f"ldct-node x{many}"] = lambda port, aet, fs: node_send(port, aet, fs, many)
         best: dict[str, float] = {}
         for rep in range(args.repeats):  # interleaved: every pair once per repeat
             for receiver, (start, ae_title) in receivers.items():
@@ -100,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             / rates[f"storescu -> {receiver}"]
             for receiver in receivers
         }
+        if many > 1:
+            for receiver in receivers:
+                ratios[f"node_x{many}_vs_one_to_{receiver}"] = (
+                    rates[f"ldct-node x{many} -> {receiver}"] / rates[f"ldct-node -> {receiver}"]
+                )
         for name, value in ratios.items():
             print(f"ratio {name:30s} {value:.2f}")
         result = {

@@ -93,14 +93,16 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_forward_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Orthanc as a receiver is left out: the ingest smoke test starts it already.
     args = ["--images", "4", "--size", "64", "--repeats", "1", "--no-orthanc"]
-    result = _load("forward").main([*args, "--workdir", str(tmp_path)])
+    result = _load("forward").main([*args, "--associations", "2", "--workdir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "ratio node_vs_storescu_to_storescp" in printed and "TCP_NODELAY=1" in printed
     receivers = ["storescp"]
     for receiver in receivers:
-        for sender in ("storescu", "ldct-node"):
+        for sender in ("storescu", "ldct-node", "ldct-node x2"):
             assert result["images_per_s"][f"{sender} -> {receiver}"] > 0
-    assert set(result["ratios"]) == {f"node_vs_storescu_to_{r}" for r in receivers}
+    assert set(result["ratios"]) == {
+        name for r in receivers for name in (f"node_vs_storescu_to_{r}", f"node_x2_vs_one_to_{r}")
+    }
 
 
 @needs_dcmtk

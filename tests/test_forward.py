@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -40,13 +44,20 @@ def status_scp(
 
     ae = AE(ae_title=ae_title)
     ae.require_called_aet = strict_called_aet
-    ae.add_supported_context(CTImageStorage)
     ae.add_supported_context(Verification)
+    with serving_stores(ae, on_store) as port:
+        yield port, seen
+
+
+@contextmanager
+def serving_stores(ae: AE, on_store: Callable[[evt.Event], int]) -> Iterator[int]:
+    """``ae`` as a CT storage SCP on loopback, ``on_store`` answering; yields its port."""
+    ae.add_supported_context(CTImageStorage)
     server = ae.start_server((LOOPBACK, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     if server is None:  # only a blocking server returns None
         raise RuntimeError("pynetdicom did not return a server")
     try:
-        yield int(server.server_address[1]), seen
+        yield int(server.server_address[1])
     finally:
         server.shutdown()
 
@@ -320,3 +331,95 @@ def test_the_forwarders_connections_have_nagle_off_and_keep_their_responses(tmp_
             attempt.assoc.release()
     finally:
         server.shutdown()
+
+
+# ----------------------------------------------------- several associations per destination
+
+
+@contextmanager
+def counting_scp(*, max_associations: int = 10) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A pynetdicom storage SCP that serves associations in parallel, each C-STORE
+    taking 30 ms; yields its port and what it saw: the SOPInstanceUIDs with the
+    association each came over, and the most C-STOREs it had in hand at once."""
+    seen: dict[str, Any] = {"uids": [], "associations": set(), "most_at_once": 0}
+    lock = threading.Lock()
+    busy = [0]
+
+    def on_store(event: evt.Event) -> int:
+        with lock:
+            busy[0] += 1
+            seen["most_at_once"] = max(seen["most_at_once"], busy[0])
+            seen["uids"].append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
+            seen["associations"].add(id(event.assoc))
+        time.sleep(0.03)
+        with lock:
+            busy[0] -= 1
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.maximum_associations = max_associations
+    with serving_stores(ae, on_store) as port:
+        yield port, seen
+
+
+def test_a_series_goes_over_several_associations_at_once(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=9, size=16)
+    with counting_scp() as (port, seen):
+        destination = dest(port).model_copy(update={"associations": 3})
+        result = send_series(files, destination, calling_ae_title="LDCT_NODE")
+    assert result.ok and result.n_sent == 9 and result.n_total == 9, result.error
+    assert sorted(seen["uids"]) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+    assert len(seen["associations"]) == 3
+    assert seen["most_at_once"] >= 2  # in parallel, not one after another
+
+
+def test_associations_the_peer_refuses_are_done_without(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = make_ct_series(tmp_path, n=6, size=16)
+    with counting_scp(max_associations=1) as (port, seen), caplog.at_level(logging.INFO):
+        destination = dest(port).model_copy(update={"associations": 3})
+        result = send_series(files, destination, calling_ae_title="LDCT_NODE")
+    assert result.ok and result.n_sent == 6, result.error
+    assert len(seen["uids"]) == 6
+    # The first was up before the others were requested: the peer's limit turned
+    # those away, and the first sent the whole series.
+    assert len(seen["associations"]) == 1
+    assert "accepted 1 of 3 associations: sent over fewer" in caplog.text, caplog.text[-2000:]
+
+
+def test_a_refusal_on_one_association_stops_the_others(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=8, size=16)
+    with status_scp(OUT_OF_RESOURCES) as (port, seen):
+        destination = dest(port).model_copy(update={"associations": 2})
+        result = send_series(files, destination, calling_ae_title="LDCT_NODE")
+    assert not result.ok and result.n_sent == 0 and result.n_total == 8
+    assert result.error is not None and "0xA700" in result.error
+    assert 1 <= len(seen) <= 2  # each association stopped at its first refusal
+
+
+def test_no_association_at_all_is_reported_as_with_one(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path, n=3, size=16)
+    destination = dest(free_port()).model_copy(update={"associations": 2})
+    result = send_series(files, destination, calling_ae_title="LDCT_NODE")
+    assert not result.ok and result.n_sent == 0
+    assert result.error is not None and "no association with" in result.error
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"associations": 0}, "associations"),
+        ({"associations": 17}, "associations"),
+        ({"type": "dicomweb", "url": "https://h/x", "associations": 2}, "'associations' is not"),
+    ],
+)
+def test_associations_config_errors_name_the_key(keys: dict[str, Any], expected: str) -> None:
+    from ldct_node.config import ConfigError, parse_settings
+
+    base = {"name": "p", "ae_title": "PACS", "host": "h", "port": 104}
+    if keys.get("type") == "dicomweb":
+        base = {"name": "p"}
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"destinations": [{**base, **keys}]}, source="c")
+    assert expected in str(info.value)

@@ -92,6 +92,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, untrained_weights: Path) -> 
                     "ae_title": orthanc.ae_title,
                     "host": LOOPBACK,
                     "port": orthanc.dicom_port,
+                    # Each derived series over two associations at once: the round
+                    # trips check that a real PACS gets every instance that way.
+                    "associations": 2,
                 }
             ],
             metrics={"enabled": True, "host": LOOPBACK, "port": metrics_port},

@@ -402,10 +402,13 @@ def send_series(
     calling_ae_title: str,
     should_stop: Callable[[], bool] | None = None,
 ) -> SendResult:
-    """C-STORE ``paths`` to ``destination`` over one association.
+    """C-STORE ``paths`` to ``destination`` over ``destination.associations``
+    associations at once (one by default), each taking the next file in turn.
 
     Stops at the first instance the peer refuses (the rest would most likely be
-    refused too, e.g. when it is out of space) and reports its status.
+    refused too, e.g. when it is out of space) and reports its status. An association
+    beyond the first that the peer does not accept (its limit reached) is done without:
+    the others send its share.
 
     Parameters
     ----------
@@ -416,7 +419,7 @@ def send_series(
     calling_ae_title
         Our AE title (``node.ae_title``).
     should_stop
-        Checked before each instance; when it returns True the association is released
+        Checked before each instance; when it returns True the associations are released
         and the result is ``interrupted``.
     """
     if isinstance(paths, str | Path):
@@ -439,70 +442,179 @@ def send_series(
         tls = _tls_for(destination)
     except ValueError as exc:
         return SendResult(False, 0, total, str(exc))
-    ae = _make_ae(calling_ae_title)
-    for sop_class in classes:
-        ae.add_requested_context(sop_class, list(SEND_TRANSFER_SYNTAXES))
-    attempt = _associate(ae, destination, tls)
-    assoc = attempt.assoc
-    direct: DirectStoreSender | None = None
-    try:
-        if not assoc.is_established:
-            return SendResult(False, 0, total, _no_association(attempt, destination))
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        as_stored = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id or 0)
-            for cx in assoc.accepted_contexts
-        }
-        missing = [c for c in classes if c not in accepted]
-        if missing:
-            return SendResult(
-                False,
-                0,
-                total,
-                f"{_peer(destination)} does not accept SOP class {missing[0]} "
-                "with an uncompressed little endian transfer syntax",
+    run = _SeriesSend(outgoing, classes, destination, calling_ae_title, tls, should_stop)
+    count = min(destination.associations, total)
+    if count == 1:
+        return run.result([run.over_one_association()])
+    first = threading.Thread(target=run.collect, args=(0,), name="send-0", daemon=True)
+    first.start()
+    # The others are requested once the first is up: a peer whose association limit
+    # they would pass then refuses only them, and a peer that refuses the first is
+    # answered as with one association.
+    run.first_attempted.wait()
+    others = [
+        threading.Thread(target=run.collect, args=(i,), name=f"send-{i}", daemon=True)
+        for i in range(1, count if run.established.is_set() else 1)
+    ]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join()
+    outcomes = [run.outcomes[i] for i in range(1 + len(others))]
+    return run.result(outcomes)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How one association of a series' send ended."""
+
+    established: bool
+    error: str | None = None
+    interrupted: bool = False
+
+
+class _SeriesSend:
+    """One series on its way to one destination: the files left, shared by its
+    associations, and what each association's end was."""
+
+    def __init__(
+        self,
+        outgoing: list[_Outgoing],
+        classes: list[str],
+        destination: Destination,
+        calling_ae_title: str,
+        tls: _ClientTlsContext | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.destination = destination
+        self.total = len(outgoing)
+        self.sent = 0
+        self.outcomes: dict[int, _Outcome] = {}
+        self._left = list(reversed(outgoing))
+        self._classes = classes
+        self._calling = calling_ae_title
+        self._tls = tls
+        self._should_stop = should_stop
+        self._lock = threading.Lock()
+        self._failed = threading.Event()  # one association failed: the others stop
+        #: Set once the first association request has been answered (or has failed).
+        self.first_attempted = threading.Event()
+        #: Set once an association is established.
+        self.established = threading.Event()
+
+    def _next(self) -> _Outgoing | None:
+        with self._lock:
+            return self._left.pop() if self._left and not self._failed.is_set() else None
+
+    def _done_one(self) -> int:
+        with self._lock:
+            self.sent += 1
+            return self.sent
+
+    def collect(self, index: int) -> None:
+        """Run :meth:`over_one_association` and keep its outcome (a thread's target)."""
+        try:
+            outcome = self.over_one_association()
+        except Exception as exc:  # a thread must not die silently; report it as a failure
+            logger.debug("sending association %d failed", index, exc_info=True)
+            outcome = _Outcome(True, f"sending failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.first_attempted.set()
+        self.outcomes[index] = outcome
+
+    def over_one_association(self) -> _Outcome:
+        """Open an association and send files from the shared list until none is left,
+        one is refused, another association failed, or ``should_stop``."""
+        dest = self.destination
+        ae = _make_ae(self._calling)
+        for sop_class in self._classes:
+            ae.add_requested_context(sop_class, list(SEND_TRANSFER_SYNTAXES))
+        try:
+            attempt = _associate(ae, dest, self._tls)
+        except BaseException:
+            ae.shutdown()
+            raise
+        assoc = attempt.assoc
+        direct: DirectStoreSender | None = None
+        try:
+            if assoc.is_established:
+                self.established.set()
+            self.first_attempted.set()
+            if not assoc.is_established:
+                return _Outcome(False, _no_association(attempt, dest))
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            as_stored = {
+                (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id or 0)
+                for cx in assoc.accepted_contexts
+            }
+            missing = [c for c in self._classes if c not in accepted]
+            if missing:
+                return self._failure(
+                    f"{_peer(dest)} does not accept SOP class {missing[0]} "
+                    "with an uncompressed little endian transfer syntax"
+                )
+            direct_tried = False  # None over TLS: pynetdicom's path stays
+            while (item := self._next()) is not None:
+                if self._should_stop is not None and self._should_stop():
+                    return _Outcome(True, "interrupted by shutdown", interrupted=True)
+                if not direct_tried and item.encoding in as_stored:
+                    direct, direct_tried = DirectStoreSender.for_association(assoc), True
+                try:
+                    response = _send_one(assoc, direct, item, as_stored)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    return self._failure(
+                        f"cannot send {item.path.name} to {_peer(dest)}: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                if response is None:
+                    state = "aborted" if assoc.is_aborted else "timed out or was released"
+                    why = (direct.failure if direct is not None else None) or (
+                        f"the association {state}"
+                    )
+                    return self._failure(
+                        f"no C-STORE response from {_peer(dest)} after {self.sent}/"
+                        f"{self.total} instance(s): {why}"
+                    )
+                if not _is_accepted(response.status):
+                    comment = f" {response.comment!r}" if response.comment else ""
+                    return self._failure(
+                        f"{_peer(dest)} answered C-STORE with "
+                        f"{describe_status(response.status)}{comment} after {self.sent}/"
+                        f"{self.total} instance(s)"
+                    )
+                self._done_one()
+            return _Outcome(True)
+        finally:
+            if direct is not None:
+                direct.close()
+            _close(assoc, ae)
+
+    def _failure(self, error: str) -> _Outcome:
+        self._failed.set()
+        return _Outcome(True, error)
+
+    def result(self, outcomes: list[_Outcome]) -> SendResult:
+        """The series' result from its associations' outcomes (the first one's first)."""
+        sent, total = self.sent, self.total
+        failures = [o.error for o in outcomes if o.established and o.error and not o.interrupted]
+        if failures:
+            return SendResult(False, sent, total, failures[0])
+        if any(o.interrupted for o in outcomes):
+            return SendResult(False, sent, total, "interrupted by shutdown", interrupted=True)
+        if not any(o.established for o in outcomes):
+            return SendResult(False, sent, total, outcomes[0].error)
+        refused = [o for o in outcomes if not o.established]
+        if refused:
+            logger.info(
+                "%s accepted %d of %d associations: sent over fewer (%s)",
+                _peer(self.destination),
+                len(outcomes) - len(refused),
+                len(outcomes),
+                refused[0].error,
             )
-        sent = 0
-        if any(item.encoding in as_stored for item in outgoing):
-            direct = DirectStoreSender.for_association(assoc)
-        for item in outgoing:
-            if should_stop is not None and should_stop():
-                return SendResult(False, sent, total, "interrupted by shutdown", interrupted=True)
-            try:
-                response = _send_one(assoc, direct, item, as_stored)
-            except (OSError, ValueError, RuntimeError) as exc:
-                return SendResult(
-                    False,
-                    sent,
-                    total,
-                    f"cannot send {item.path.name} to {_peer(destination)}: "
-                    f"{type(exc).__name__}: {exc}",
-                )
-            if response is None:
-                state = "aborted" if assoc.is_aborted else "timed out or was released"
-                why = (direct.failure if direct is not None else None) or f"the association {state}"
-                return SendResult(
-                    False,
-                    sent,
-                    total,
-                    f"no C-STORE response from {_peer(destination)} after {sent}/{total} "
-                    f"instance(s): {why}",
-                )
-            if not _is_accepted(response.status):
-                comment = f" {response.comment!r}" if response.comment else ""
-                return SendResult(
-                    False,
-                    sent,
-                    total,
-                    f"{_peer(destination)} answered C-STORE with "
-                    f"{describe_status(response.status)}{comment} after {sent}/{total} instance(s)",
-                )
-            sent += 1
+        if sent != total:  # pragma: no cover - every file is taken until one fails
+            return SendResult(False, sent, total, f"{total - sent} instance(s) not sent")
         return SendResult(True, sent, total)
-    finally:
-        if direct is not None:
-            direct.close()
-        _close(assoc, ae)
 
 
 def _close(assoc: Association, ae: AE) -> None:
