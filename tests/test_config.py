@@ -227,6 +227,8 @@ def test_config_check_loads_destination_tls_files_and_passwords(tmp_path: Path) 
         '\n[[destinations]]\nname = "web2"\ntype = "dicomweb"\n'
         'url = "http://127.0.0.1:8042/dicom-web"\nusername = "ldct"\n'
         'password_env = "LDCT_TEST_UNSET_PASSWORD"\n'
+        '\n[[destinations]]\nname = "wide"\nae_title = "PACS3"\nhost = "127.0.0.1"\n'
+        "port = 4244\nassociations = 3\n"
     )
     res = run_cli("config", "check", "--config", config, "--json")
     assert res.returncode == 2, res.stdout
@@ -237,3 +239,7 @@ def test_config_check_loads_destination_tls_files_and_passwords(tmp_path: Path) 
     assert not checks["destination web2"]["ok"]
     assert "LDCT_TEST_UNSET_PASSWORD" in checks["destination web2"]["detail"]
     assert "hunter2" not in res.stdout + res.stderr
+    assert checks["destination wide"]["detail"] == (
+        "PACS3@127.0.0.1:4244, 3 associations at once"
+    ), checks["destination wide"]
+    assert "associations" not in checks["destination pacs"]["detail"]

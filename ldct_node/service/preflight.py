@@ -170,6 +170,8 @@ def check_destination(settings: Settings, dest: Destination) -> Check:
                 client_tls_context(resolved)
             what = f"{resolved.ae_title}@{resolved.host}:{resolved.port}"
             what += " (DICOM TLS)" if resolved.tls else ""
+            if resolved.associations > 1:
+                what += f", {resolved.associations} associations at once"
     except ValueError as exc:
         return Check(name, False, str(exc))
     return Check(name, True, what)
