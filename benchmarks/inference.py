@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import numpy as np  # noqa: E402
-from _common import BUNDLED_WEIGHTS, ct_volume, report  # noqa: E402
+from _common import BUNDLED_WEIGHTS, cpu_flags, ct_volume, report  # noqa: E402
 
 MATMUL_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "mixed_float16": "float16"}
 
@@ -122,10 +122,10 @@ def fma_peak_gflops() -> tuple[float, str] | None:
     except OSError:
         return None
     mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    flags = cpu_flags()
     if not mhz:
         return None
-    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     cores = os.cpu_count() or len(mhz)
     peak = cores * max(mhz) / 1e3 * lanes * 2 * 2
     return peak, f"{cores} cores x {max(mhz) / 1e3:.2f} GHz x {lanes} lanes x 2 FMA units x 2"

@@ -203,9 +203,5 @@ def test_the_machine_line_names_the_cpu_extensions_that_set_the_figures() -> Non
         "avx512f+avx512_bf16+amx_bf16"
     )
     assert common.cpu_isa({"sse4_2"}) == "no AVX2"
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = common.cpu_flags()
     assert common.machine_info()["cpu"].endswith(f"[{common.cpu_isa(flags)}]")

@@ -506,10 +506,9 @@ class _SeriesSend:
         with self._lock:
             return self._left.pop() if self._left and not self._failed.is_set() else None
 
-    def _done_one(self) -> int:
+    def _done_one(self) -> None:
         with self._lock:
             self.sent += 1
-            return self.sent
 
     def collect(self, index: int) -> None:
         """Run :meth:`over_one_association` and keep its outcome (a thread's target)."""
