@@ -296,16 +296,19 @@ def dicom_peer(
 
 
 @contextmanager
-def storescp(directory: Path, ae_title: str = "PACS") -> Iterator[int]:
+def storescp(directory: Path, ae_title: str = "PACS", *, ignore: bool = False) -> Iterator[int]:
     """DCMTK storescp (or pynetdicom's, :func:`use_peers`) on a free loopback port
-    writing into ``directory``; yields the port."""
+    writing into ``directory``; yields the port. ``ignore``: it receives each data set
+    and answers success without writing it (both tools' ``--ignore``)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    ignoring = ("--ignore",) if ignore else ()
     if _python_peers():
         where = ("-aet", ae_title, "-od", str(directory), "-pdu", "0", "-ba", LOOPBACK)
-        cmd = _pynetdicom_app("storescp", *where, str(port))
+        cmd = _pynetdicom_app("storescp", *where, *ignoring, str(port))
     else:
-        cmd = dcmtk_cmd("storescp", "-aet", ae_title, "-od", str(directory), "+xa", str(port))
+        options = ("-aet", ae_title, "-od", str(directory), "+xa")
+        cmd = dcmtk_cmd("storescp", *options, *ignoring, str(port))
     with dicom_peer(cmd, directory.parent, port, ae_title, 30, env=DCMTK_ENV) as ready:
         yield ready
 

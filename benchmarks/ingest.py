@@ -3,9 +3,17 @@
 Every receiver gets the same ``--images`` CT files (512x512, uncompressed) from DCMTK
 ``storescu`` over one association on loopback, in turn, ``--repeats`` times; the best
 run of each counts. The anchors, measured in the same run: DCMTK ``storescp`` (writes
-without fsync), Orthanc (its own SQLite index), and this disk's durable limit (one file
-write + fsync + rename and one SQLite WAL FULL commit per instance, the least the node
-must do before it acknowledges). DCMTK's tools run with ``TCP_NODELAY=1``: without it
+without fsync), ``storescp --ignore`` (receives and answers, writes nothing), Orthanc
+(its own SQLite index), and this disk's durable limit (one file write + fsync + rename
+and one SQLite WAL FULL commit per instance, the least the node must do before it
+acknowledges).
+
+Over one association the sender waits for each response before it sends the next
+instance, so the receiver's work and the disk's add to the transfer's instead of
+overlapping it: no receiver that must be durable before it answers can pass
+``1 / (storescp --ignore's time per instance + the disk's durable time)``. That bound,
+computed from those two figures, is printed as "one-association durable ceiling" with
+the node's fraction of it. DCMTK's tools run with ``TCP_NODELAY=1``: without it
 each message waits ~40 ms for a delayed ACK, and any ratio to them measures that.
 ldct-node runs as ``ldct-node serve --role receiver``: the receiving service as the
 whole node runs it, without loading the model (nothing would be processed: the series
@@ -180,7 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         many = f"ldct-node x{args.associations}"
         shared = f"ldct-node x{args.associations}, {args.receivers} receiver processes"
-        best = {"ldct-node": float("inf"), many: float("inf"), "storescp": float("inf")}
+        best = {
+            "ldct-node": float("inf"),
+            many: float("inf"),
+            "storescp": float("inf"),
+            "storescp --ignore": float("inf"),
+        }
         if args.receivers > 1:
             best[shared] = float("inf")
         if with_orthanc:
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     best[shared] = min(best[shared], elapsed)
             with storescp(work / f"scp-{rep}" / "in") as port:
                 best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
+            with storescp(work / f"scp-{rep}" / "in", ignore=True) as port:
+                elapsed = storescu(port, "PACS", files)
+                best["storescp --ignore"] = min(best["storescp --ignore"], elapsed)
             if with_orthanc:
                 with orthanc_process(work / f"orthanc-{rep}") as port:
                     best["orthanc"] = min(best["orthanc"], storescu(port, "ORTHANC", files))
@@ -209,15 +225,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates = {name: len(files) / t for name, t in best.items()}
         limit = min(limits, key=lambda x: x["total_ms"])
         rates["disk durable limit"] = 1000.0 / limit["total_ms"]
+        transfer_ms = 1000.0 * best["storescp --ignore"] / len(files)
+        ceiling = 1000.0 / (transfer_ms + limit["total_ms"])
+        rates["one-association durable ceiling"] = ceiling
         for name, rate in rates.items():
-            print(f"{name:20s} {rate:8.1f} images/s")
+            print(f"{name:34s} {rate:8.1f} images/s")
         print(
             f"disk: write+fsync+rename {limit['file_write_fsync_rename_ms']:.2f} ms, "
             f"WAL FULL commit {limit['wal_commit_ms']:.2f} ms per instance"
         )
+        print(
+            f"one-association durable ceiling: 1 / (storescp --ignore {transfer_ms:.2f} ms "
+            f"+ durable {limit['total_ms']:.2f} ms) = {ceiling:.1f} images/s, "
+            f"{ceiling / rates['disk durable limit']:.2f} x the disk's limit"
+        )
         ratios = {
             "node_vs_storescp": rates["ldct-node"] / rates["storescp"],
             "node_vs_disk_limit": rates["ldct-node"] / rates["disk durable limit"],
+            "node_vs_one_association_ceiling": rates["ldct-node"] / ceiling,
+            "ceiling_vs_disk_limit": ceiling / rates["disk durable limit"],
             "concurrent_vs_one": rates[many] / rates["ldct-node"],
         }
         if args.receivers > 1:
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if with_orthanc:
             ratios["node_vs_orthanc"] = rates["ldct-node"] / rates["orthanc"]
         for name, value in ratios.items():
-            print(f"ratio {name:22s} {value:.2f}")
+            print(f"ratio {name:31s} {value:5.2f}")
         steps = handler_breakdown(files, work / "breakdown")
         total = sum(steps.values())
         print(f"C-STORE handler steps (ms per instance, in-process; total {total:.2f} ms):")

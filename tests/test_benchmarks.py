@@ -78,11 +78,22 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     rates = result["images_per_s"]
     orthanc = ["orthanc"] if _load("_common").ORTHANC_BIN else []
     shared = "ldct-node x4, 2 receiver processes"
-    for name in ("ldct-node", "ldct-node x4", shared, "storescp", "disk durable limit", *orthanc):
+    anchors = ("storescp", "storescp --ignore", "disk durable limit", *orthanc)
+    for name in ("ldct-node", "ldct-node x4", shared, *anchors):
         assert rates[name] > 0, name
+    # The ceiling is derived from two measured figures: check the arithmetic.
+    per_image_ms = 1000 / rates["storescp --ignore"] + 1000 / rates["disk durable limit"]
+    ceiling = rates["one-association durable ceiling"]
+    assert ceiling == pytest.approx(1000 / per_image_ms)
+    assert ceiling < min(rates["storescp --ignore"], rates["disk durable limit"])
+    assert result["ratios"]["node_vs_one_association_ceiling"] == pytest.approx(
+        rates["ldct-node"] / ceiling
+    )
+    assert "one-association durable ceiling" in printed
     assert set(result["ratios"]) == {
         "node_vs_storescp", "node_vs_disk_limit", "concurrent_vs_one",
-        "concurrent_shared_port_vs_one",
+        "concurrent_shared_port_vs_one", "node_vs_one_association_ceiling",
+        "ceiling_vs_disk_limit",
         *(["node_vs_orthanc"] if orthanc else []),
     }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"parse header", "fsync wait + rename"}
@@ -168,6 +179,11 @@ def test_python_peers_send_and_receive(tmp_path: Path) -> None:
 
     assert uids(list(received.iterdir())) == uids(files)
     assert not common.echo_ok(port, "PACS")  # stopped with its context
+    # --ignore (the ingest benchmark's transfer-only anchor): answered, nothing written.
+    ignored = tmp_path / "ignoring" / "in"
+    with common.storescp(ignored, ignore=True) as ignoring_port:
+        common.storescu(ignoring_port, "PACS", files)
+    assert [p for p in ignored.iterdir() if p.is_file()] == []
     # pynetdicom's app ran (its log is named after the interpreter), not DCMTK's
     assert [p.name for p in (tmp_path / "pacs").glob("*.log")] == [
         f"{Path(sys.executable).name}-{port}.log"
