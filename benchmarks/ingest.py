@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         transfer_ms = 1000.0 * best["storescp --ignore"] / len(files)
         ceiling = 1000.0 / (transfer_ms + limit["total_ms"])
         rates["one-association durable ceiling"] = ceiling
+        ceiling_vs_disk = ceiling / rates["disk durable limit"]
         for name, rate in rates.items():
             print(f"{name:34s} {rate:8.1f} images/s")
         print(
@@ -237,13 +238,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"one-association durable ceiling: 1 / (storescp --ignore {transfer_ms:.2f} ms "
             f"+ durable {limit['total_ms']:.2f} ms) = {ceiling:.1f} images/s, "
-            f"{ceiling / rates['disk durable limit']:.2f} x the disk's limit"
+            f"{ceiling_vs_disk:.2f} x the disk's limit"
         )
         ratios = {
             "node_vs_storescp": rates["ldct-node"] / rates["storescp"],
             "node_vs_disk_limit": rates["ldct-node"] / rates["disk durable limit"],
             "node_vs_one_association_ceiling": rates["ldct-node"] / ceiling,
-            "ceiling_vs_disk_limit": ceiling / rates["disk durable limit"],
+            "ceiling_vs_disk_limit": ceiling_vs_disk,
             "concurrent_vs_one": rates[many] / rates["ldct-node"],
         }
         if args.receivers > 1:
