@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +60,22 @@ from _common import (  # noqa: E402
     storescu,
     write_series,
 )
+
+if TYPE_CHECKING:
+    from ldct_node.service.pdata import IncomingStore
+
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+
+
+def incoming_of(data: bytes) -> IncomingStore:
+    """A Part 10 file of :func:`write_series` as the receiver gets it: the data set's
+    bytes after the file meta (its group length, PS3.10 7.1), explicit VR LE."""
+    from ldct_node.service.pdata import IncomingStore
+
+    meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
+    return IncomingStore(
+        sop_class="", sop_instance="", transfer_syntax=EXPLICIT_VR_LE, dataset=data[meta_end:]
+    )
 
 
 def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
@@ -90,7 +107,7 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
         t1 = time.perf_counter()
         with spool.stage(data) as staged:
             t2 = time.perf_counter()
-            ds = _read_header(data)
+            ds = _read_header(data, incoming_of(data))
             sop, series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             skip = processing_skip_reason(ds, settings.series)
             z_position = slice_position(ds)
@@ -103,7 +120,7 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
                 series_instance_uid=series,
                 study_instance_uid=str(ds.StudyInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                transfer_syntax_uid=EXPLICIT_VR_LE,
                 path=path,
                 calling_aet="BENCH",
                 modality="CT",

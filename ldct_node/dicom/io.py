@@ -779,6 +779,19 @@ def _names_node(value: object) -> bool:
         return NODE_NAME in str(value).lower()
 
 
+#: The header elements :func:`processing_skip_reason` (and :func:`is_own_output`) read.
+SKIP_CHECK_KEYWORDS = (
+    "ContributingEquipmentSequence",
+    "SoftwareVersions",
+    "DerivationDescription",
+    "SOPClassUID",
+    "Modality",
+    "ImageType",
+)
+#: The header elements :func:`slice_position` reads.
+POSITION_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient")
+
+
 def is_own_output(ds: Dataset) -> bool:
     """True for instances this node derived (the loop guard).
 

@@ -64,7 +64,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ldct_node.config import SecuritySettings, Settings
-from ldct_node.dicom.io import processing_skip_reason, slice_position
+from ldct_node.dicom.header import header_tags, read_header
+from ldct_node.dicom.io import (
+    POSITION_KEYWORDS,
+    SKIP_CHECK_KEYWORDS,
+    processing_skip_reason,
+    slice_position,
+)
 from ldct_node.service.monitoring import INSTANCES_RECEIVED
 from ldct_node.service.netguard import (
     INVALID_OBJECT_INSTANCE as INVALID_OBJECT_INSTANCE,
@@ -78,7 +84,7 @@ from ldct_node.service.netguard import (
     valid_uid,
 )
 from ldct_node.service.pdata import IncomingStore
-from ldct_node.service.routing import matching_profiles
+from ldct_node.service.routing import ROUTING_KEYWORDS, matching_profiles
 from ldct_node.service.spool import Spool
 from ldct_node.store import Database, ReceivedInstance
 
@@ -221,7 +227,35 @@ def _value_may_fail(elem: DataElement | RawDataElement) -> bool:
     return vr not in _VRS_THAT_ALWAYS_DECODE
 
 
-def _read_header(data: bytes) -> Dataset:
+#: Every header element :func:`_store` reads, itself or through the skip check, the
+#: routing and the slice position: what the fast header read hands over.
+_HEADER_TAGS = header_tags(
+    (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "InstanceNumber",
+        *SKIP_CHECK_KEYWORDS,
+        *ROUTING_KEYWORDS,
+        *POSITION_KEYWORDS,
+    )
+)
+
+
+def _read_header(data: bytes, incoming: IncomingStore | None = None) -> Dataset:
+    """The header of a received instance (``data``: preamble, file meta, data set).
+
+    With ``incoming``, its data set is read by :func:`ldct_node.dicom.header.read_header`
+    (the elements :data:`_HEADER_TAGS`, every element checked): 1.05 -> 0.2 ms of CPU
+    an instance. A data set that reader does not take is read by pydicom, which
+    decides whether it can be decoded.
+    """
+    if incoming is not None:
+        fast = read_header(incoming.dataset, incoming.transfer_syntax, _HEADER_TAGS)
+        if fast is not None:
+            return fast
     try:
         ds = dcmread(BytesIO(data), stop_before_pixels=True)
         # pydicom decodes lazily: decode now whatever can fail to, so that a corrupt
@@ -350,7 +384,7 @@ def _store(ctx: ReceiverContext, assoc: Any, incoming: IncomingStore) -> tuple[i
     # parsed and checked (it names the final file); with the folder's fsync under the
     # row's statements (below): 89 -> 116 images/s of 512x512 over one association.
     with ctx.spool.stage(data) as staged:
-        ds = _read_header(data)
+        ds = _read_header(data, incoming)
         sop_uid = _uid(ds, "SOPInstanceUID")
         series_uid = _uid(ds, "SeriesInstanceUID")
         study_uid = _uid(ds, "StudyInstanceUID")

@@ -40,6 +40,15 @@ def _glob_any(patterns: Sequence[str], values: Sequence[str]) -> bool:
     )
 
 
+#: The header elements :func:`matching_profiles` reads.
+ROUTING_KEYWORDS = (
+    "SeriesDescription",
+    "ConvolutionKernel",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+
+
 def convolution_kernels(ds: Dataset) -> list[str]:
     """The ConvolutionKernel value(s) of an instance (classic or Enhanced CT); may be empty."""
     direct = strings(ds.get("ConvolutionKernel"))
