@@ -593,28 +593,37 @@ class _ReplaySocket(AssociationSocket):
         return self.recv_by(nr_bytes, time.monotonic() + PDU_READ_TIMEOUT_S)
 
     def recv_by(self, nr_bytes: int, deadline: float) -> bytearray:
-        """``nr_bytes`` (fewer if the peer closed) by ``deadline``, else TimeoutError."""
+        """``nr_bytes`` (fewer if the peer closed) by ``deadline``, else TimeoutError.
+
+        The bytes are received into one buffer of the PDU's size (``nr_bytes`` is
+        bounded by the PDU limit before a body is read), not appended chunk by chunk.
+        """
         replay = getattr(self, "replay", None)
-        data = bytearray()
+        data = bytearray(nr_bytes)
+        got = 0
         if replay:
-            data += replay[:nr_bytes]
-            del replay[:nr_bytes]
+            got = min(len(replay), nr_bytes)
+            data[:got] = replay[:got]
+            del replay[:got]
         sock = self.socket
-        if sock is None:
-            return data
-        try:
-            while len(data) < nr_bytes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("PDU")
-                sock.settimeout(remaining)
-                chunk = sock.recv(min(nr_bytes - len(data), 65_536))
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            with contextlib.suppress(OSError):  # closed meanwhile: the read's error counts
-                sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
+        if sock is not None:
+            view = memoryview(data)
+            try:
+                while got < nr_bytes:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError("PDU")
+                    sock.settimeout(remaining)
+                    n = sock.recv_into(view[got:])
+                    if not n:
+                        break
+                    got += n
+            finally:
+                view.release()  # before the buffer may be shortened below
+                with contextlib.suppress(OSError):  # closed meanwhile: the read's error counts
+                    sock.settimeout(PDU_READ_TIMEOUT_S)  # also bounds pynetdicom's sends
+        if got < nr_bytes:
+            del data[got:]
         return data
 
 
