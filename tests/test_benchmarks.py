@@ -97,6 +97,9 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         *(["node_vs_orthanc"] if orthanc else []),
     }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"parse header", "fsync wait + rename"}
+    header = result["header_read_ms"]
+    assert set(header) == {"fast read", "pydicom"} and all(ms > 0 for ms in header.values())
+    assert "header read + what the handler reads from it: fast" in printed
     assert result["idle_cpu_percent"] >= 0 and "4 idle associations" in printed
 
 
