@@ -27,8 +27,9 @@ from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pydicom.valuerep import STR_VR
 
-__all__ = ["HeaderTags", "header_tags", "read_header"]
+__all__ = ["VRS_THAT_ALWAYS_DECODE", "HeaderTags", "header_tags", "read_header"]
 
 #: Pixel data tags: the read stops at the first (as ``stop_before_pixels`` does).
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -55,13 +56,11 @@ _NUMBER_SIZES = {
     "AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8,
     "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8,
 }  # fmt: skip
-#: VRs pydicom keeps as text or bytes: their decoding never fails.
-_ALWAYS_DECODE = frozenset(
-    {
-        "AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
-        "UC", "UI", "UR", "UT", "OB", "OW", "UN",
-    }
-)  # fmt: skip
+#: VRs whose values pydicom keeps as text (its ``STR_VR``) or as plain bytes: decoding
+#: them never fails (invalid text is kept with a warning). Every other VR (numbers
+#: unpacked as fixed-size items, whose length may not fit, OD/OF/OL/OV among them;
+#: sequences; ambiguous or unknown VRs) may. The receiver's full read uses it too.
+VRS_THAT_ALWAYS_DECODE = frozenset(STR_VR) | {"OB", "OW", "UN"}
 
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
@@ -121,7 +120,7 @@ def read_header(dataset: bytes, transfer_syntax: str, tags: HeaderTags) -> Datas
         return None
     try:
         kept = _top_level(memoryview(dataset), implicit, tags)
-    except (_LeftToPydicomError, struct.error):
+    except _LeftToPydicomError:  # every read is bounds-checked before it unpacks
         return None
     ds = Dataset(kept)
     ds.set_original_encoding(implicit, True)
@@ -157,9 +156,11 @@ def _top_level(
             _check_value(data, start, content_end, vr, implicit)
         if tag in tags:
             raw_length = content_end - start
-            # pydicom's own reader gives an empty value this way
-            empty = cast(bytes | None, empty_value_for_VR(None if implicit else vr, raw=True))
-            value = bytes(data[start:content_end]) if raw_length else empty
+            value = (
+                bytes(data[start:content_end])
+                if raw_length  # else the empty value pydicom's own reader gives
+                else cast(bytes | None, empty_value_for_VR(None if implicit else vr, raw=True))
+            )
             kept[BaseTag(tag)] = RawDataElement(
                 BaseTag(tag),
                 None if implicit else vr,
@@ -210,7 +211,7 @@ def _dictionary_vr(tag: int) -> str:
 
 def _check_value(data: memoryview, start: int, end: int, vr: str | None, implicit: bool) -> None:
     """Raise :class:`_LeftToPydicomError` unless the value of a top-level element decodes."""
-    if vr in _ALWAYS_DECODE:
+    if vr in VRS_THAT_ALWAYS_DECODE:
         return
     if vr == "SQ":
         _defined_sequence(data, start, end, implicit, 1)

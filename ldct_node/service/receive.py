@@ -57,14 +57,13 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.valuerep import STR_VR
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ldct_node.config import SecuritySettings, Settings
-from ldct_node.dicom.header import header_tags, read_header
+from ldct_node.dicom.header import VRS_THAT_ALWAYS_DECODE, header_tags, read_header
 from ldct_node.dicom.io import (
     POSITION_KEYWORDS,
     SKIP_CHECK_KEYWORDS,
@@ -210,13 +209,6 @@ def _optional_int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-#: VRs whose values pydicom keeps as text (its ``STR_VR``) or as plain bytes: decoding
-#: them never fails (invalid text is kept with a warning). Every other VR (numbers
-#: unpacked as fixed-size items, whose length may not fit, OD/OF/OL/OV among them;
-#: sequences; ambiguous or unknown VRs) may.
-_VRS_THAT_ALWAYS_DECODE = frozenset(STR_VR) | {"OB", "OW", "UN"}
-
-
 def _value_may_fail(elem: DataElement | RawDataElement) -> bool:
     vr = elem.VR
     if vr is None:  # implicit VR: the dictionary's
@@ -224,7 +216,7 @@ def _value_may_fail(elem: DataElement | RawDataElement) -> bool:
             vr = dictionary_VR(elem.tag)
         except KeyError:  # private or unknown: UN, kept as bytes
             return False
-    return vr not in _VRS_THAT_ALWAYS_DECODE
+    return vr not in VRS_THAT_ALWAYS_DECODE
 
 
 #: Every header element :func:`_store` reads, itself or through the skip check, the
