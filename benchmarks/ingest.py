@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -65,18 +64,23 @@ from _common import (  # noqa: E402
 if TYPE_CHECKING:
     from ldct_node.service.pdata import IncomingStore
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 
+def as_received(path: Path) -> tuple[bytes, IncomingStore]:
+    """A stored file's bytes, and its C-STORE as the receiver gets it: the data set's
+    bytes after the file meta, in the file's transfer syntax."""
+    from ldct_node.service.pdata import IncomingStore, read_stored
 
-def incoming_of(data: bytes) -> IncomingStore:
-    """A Part 10 file of :func:`write_series` as the receiver gets it: the data set's
-    bytes after the file meta (its group length, PS3.10 7.1), explicit VR LE."""
-    from ldct_node.service.pdata import IncomingStore
-
-    meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
-    return IncomingStore(
-        sop_class="", sop_instance="", transfer_syntax=EXPLICIT_VR_LE, dataset=data[meta_end:]
+    data = path.read_bytes()
+    stored = read_stored(path)
+    if stored is None:
+        raise ValueError(f"{path}: its file meta lacks the SOP class, instance or syntax")
+    incoming = IncomingStore(
+        sop_class=stored.sop_class,
+        sop_instance=stored.sop_instance,
+        transfer_syntax=stored.transfer_syntax,
+        dataset=data[stored.offset :],
     )
+    return data, incoming
 
 
 def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
@@ -93,7 +97,7 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
     spool = Spool(work / "spool")
     db = Database(f"sqlite:///{work / 'breakdown.db'}")
     db.create_schema()
-    blobs = [f.read_bytes() for f in files]
+    blobs = [as_received(f) for f in files]
     names = (
         "space check",
         "spool write, fsync started",
@@ -102,13 +106,13 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
         "db statements + folder fsync + commit",
     )
     steps = dict.fromkeys(names, 0.0)
-    for data in blobs:
+    for data, incoming in blobs:
         t0 = time.perf_counter()
         spool.has_space(0, len(data))
         t1 = time.perf_counter()
         with spool.stage(data) as staged:
             t2 = time.perf_counter()
-            ds = _read_header(data, incoming_of(data))
+            ds = _read_header(data, incoming)
             sop, series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             skip = processing_skip_reason(ds, settings.series)
             z_position = slice_position(ds)
@@ -121,7 +125,7 @@ def handler_breakdown(files: list[Path], work: Path) -> dict[str, float]:
                 series_instance_uid=series,
                 study_instance_uid=str(ds.StudyInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=EXPLICIT_VR_LE,
+                transfer_syntax_uid=incoming.transfer_syntax,
                 path=path,
                 calling_aet="BENCH",
                 modality="CT",
@@ -151,7 +155,7 @@ def header_read_ms(files: list[Path], repeats: int) -> dict[str, float]:
     from ldct_node.service.routing import matching_profiles
 
     settings = Settings()
-    blobs = [(data, incoming_of(data)) for data in (f.read_bytes() for f in files)]
+    blobs = [as_received(f) for f in files]
 
     def read_all(fast: bool) -> None:
         for data, incoming in blobs:
