@@ -39,11 +39,11 @@ PROFILES = [
 ]
 
 
-def split_part10(data: bytes) -> tuple[bytes, str]:
-    """(the data set's bytes, its transfer syntax) of a Part 10 file."""
+def split_part10(data: bytes) -> tuple[bytes, str, FileMetaDataset]:
+    """(the data set's bytes, its transfer syntax, the file meta) of a Part 10 file."""
     meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
     group_length = struct.unpack_from("<I", data, 132 + 8)[0]
-    return data[132 + 12 + group_length :], str(meta.TransferSyntaxUID)
+    return data[132 + 12 + group_length :], str(meta.TransferSyntaxUID), meta
 
 
 def encoded(ds: Dataset, syntax: str) -> bytes:
@@ -59,11 +59,10 @@ def encoded(ds: Dataset, syntax: str) -> bytes:
 
 
 def incoming_of(data: bytes) -> IncomingStore:
-    dataset, syntax = split_part10(data)
-    sop = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    dataset, syntax, meta = split_part10(data)
     return IncomingStore(
-        sop_class=str(sop.get("SOPClassUID", "")),
-        sop_instance=str(sop.get("SOPInstanceUID", "")),
+        sop_class=str(meta.get("MediaStorageSOPClassUID", "")),
+        sop_instance=str(meta.get("MediaStorageSOPInstanceUID", "")),
         transfer_syntax=syntax,
         dataset=dataset,
     )
@@ -211,7 +210,7 @@ def test_mutated_headers_are_never_accepted_where_the_full_read_refuses(tmp_path
     answered = declined = 0
     for i in range(400):
         base = bases[i % len(bases)]
-        dataset, syntax = split_part10(base)
+        dataset, syntax, _ = split_part10(base)
         header_end = dataset.find(b"\xe0\x7f\x10\x00")
         mutated = bytearray(dataset)
         for _ in range(rng.choice((1, 1, 2, 3))):
