@@ -503,4 +503,15 @@ def test_before_commit_runs_inside_the_transaction_and_can_roll_it_back(
     assert other.instance_path("1.7.2") is None
     (job,) = db.list_jobs()
     assert job.source_instances == 1  # the series count was rolled back with the row
+
+    # The same for an instance of the known series (the driver path, not SQLAlchemy's).
+    seen.clear()
+    assert db.record_instance(
+        inst("1.7", 3),
+        PROFILES,
+        now=at(2),
+        before_commit=lambda: seen.append(other.instance_path("1.7.3")),
+    )
+    assert seen == [None]
+    assert other.instance_path("1.7.3") == Path("/spool/incoming/1.7/1.7.3.dcm")
     other.close()

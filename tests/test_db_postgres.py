@@ -218,3 +218,100 @@ def test_intake_counts_each_instance_once_and_keeps_the_latest_arrival(db: Datab
     assert jobs["a"].state == JobState.RECEIVING and jobs["a"].source_instances == 3
     assert jobs["b"].state == JobState.RECEIVING  # a profile added since: its job is made
     assert _series_rows(db)["1.5"][2] == at(200)
+
+
+def _stored_instance_rows(db: Database) -> dict[str, tuple[object, ...]]:
+    """The instance rows as the database holds them (the driver's values, no types)."""
+    with db.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT sop_instance_uid, series_id, path, sop_class_uid, transfer_syntax_uid,"
+            " instance_number, z_position, skip_reason, size_bytes, received_at FROM instance"
+        ).all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def _sqlalchemy_executions(db: Database) -> list[str]:
+    """The statements SQLAlchemy executes from now on (the driver path runs none)."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        seen.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    return seen
+
+
+def test_an_instance_of_a_known_series_is_recorded_on_the_driver_as_sqlalchemy_would(
+    db: Database,
+) -> None:
+    """The common case (series and jobs exist, nothing to change) runs intake's compiled
+    statements on the driver's cursor; the rows it writes are the rows the SQLAlchemy path
+    writes for the same instance, to the stored datetime; every other case still goes
+    through SQLAlchemy."""
+    from sqlalchemy import select
+
+    from ldct_node.store.models import Series
+
+    seen = _sqlalchemy_executions(db)
+    assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))  # a new series
+    assert db.record_instance(inst("1.8", 1), ["a"], now=at(10))
+    assert seen, "a new series is recorded through SQLAlchemy"
+    seen.clear()
+    fast = replace(inst("1.5", 2), size_bytes=524_288)
+    assert db.record_instance(fast, ["a"], now=at(20))
+    fast_skipped = replace(inst("1.5", 3), skip_reason="LOCALIZER", z_position=None)
+    assert db.record_instance(fast_skipped, ["a"], now=at(21))
+    assert seen == [], "the common case ran through SQLAlchemy"
+    # The same instances into the other series, through the SQLAlchemy path itself.
+    for source, now in ((fast, at(20)), (fast_skipped, at(21))):
+        twin = replace(
+            source,
+            sop_instance_uid=source.sop_instance_uid.replace("1.5.", "1.8.", 1),
+            series_instance_uid="1.8",
+        )
+        assert db._record_any_case(twin, ("a",), now, None)  # type: ignore[attr-defined]
+    stored = _stored_instance_rows(db)
+    with db.session(read_only=True) as sess:
+        ids = {s.series_instance_uid: s.id for s in sess.scalars(select(Series))}
+    for n in (2, 3):
+        fast_row, twin_row = stored[f"1.5.{n}"], stored[f"1.8.{n}"]
+        assert fast_row[0] == ids["1.5"] and twin_row[0] == ids["1.8"]
+        assert fast_row[2:] == twin_row[2:]  # all but the series and the path
+    assert stored["1.5.2"][-2:] == (524_288, stored["1.8.2"][-1])
+    rows = _series_rows(db)
+    assert rows["1.5"] == rows["1.8"] == (3, 1, at(21), "receiving")
+
+    # A duplicate, and a job that moves on, leave the driver path for SQLAlchemy's.
+    seen.clear()
+    assert not db.record_instance(inst("1.5", 2), ["a"], now=at(30))
+    assert seen, "a duplicate is handled by the SQLAlchemy path"
+    assert _series_rows(db)["1.5"][0] == 3
+    seen.clear()
+    assert db.record_instance(inst("1.5", 4), ["a", "b"], now=at(31))  # a new profile
+    assert seen and {j.profile for j in db.list_jobs() if j.series_instance_uid == "1.5"} == {
+        "a",
+        "b",
+    }
+
+
+def test_a_driver_error_in_the_common_case_is_sqlalchemys_and_rolls_everything_back(
+    db: Database,
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+    seen = _sqlalchemy_executions(db)
+    broken = replace(inst("1.5", 2), sop_class_uid=None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError):
+        db.record_instance(broken, ["a"], now=at(20))
+    assert seen == [], "the error came from the driver path"
+    assert _series_rows(db)["1.5"][:3] == (1, 0, at(10)), "the count was not rolled back"
+    # The connection went back to the pool without a transaction (on SQLite an open one
+    # would hold the write lock): the next instances are recorded, by every path.
+    assert db.record_instance(inst("1.5", 2), ["a"], now=at(30))
+    assert db.record_instance(inst("1.9", 1), ["a"], now=at(30))
+    assert _series_rows(db)["1.5"][:3] == (2, 0, at(30))
+    (job,) = [j for j in db.list_jobs() if j.series_instance_uid == "1.5"]
+    assert job.source_instances == 2

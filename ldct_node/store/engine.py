@@ -39,6 +39,9 @@ from ldct_node.store.models import (
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How a writing transaction begins on SQLite, whose driver leaves transaction control
+#: to us (see ``_on_connect``): the write lock at once, not at the first write.
+SQLITE_BEGIN_WRITE = "BEGIN IMMEDIATE"
 _READ_ONLY_OPTION = "ldct_read_only"
 
 
@@ -103,7 +106,7 @@ def _make_engine(url: URL) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get(_READ_ONLY_OPTION, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if read_only else SQLITE_BEGIN_WRITE)
 
     return engine
 
@@ -130,6 +133,12 @@ class Store:
         self._reader = sessionmaker(
             self.engine.execution_options(**{_READ_ONLY_OPTION: True}), expire_on_commit=False
         )
+
+    @property
+    def driver_begin(self) -> str | None:
+        """What a writing transaction on a raw driver connection must run first (SQLite's
+        driver runs without transaction control); None where the driver begins one."""
+        return SQLITE_BEGIN_WRITE if _is_sqlite(self.url) else None
 
     def __repr__(self) -> str:
         return f"Database({self.url.render_as_string(hide_password=True)!r})"
