@@ -100,6 +100,9 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     header = result["header_read_ms"]
     assert set(header) == {"fast read", "pydicom"} and all(ms > 0 for ms in header.values())
     assert "header read + what the handler reads from it: fast" in printed
+    intake = result["intake_cpu_ms"]
+    assert set(intake) == {"driver", "sqlalchemy"} and all(ms > 0 for ms in intake.values())
+    assert "intake of an instance, CPU: on the driver" in printed
     assert result["idle_cpu_percent"] >= 0 and "4 idle associations" in printed
 
 
