@@ -315,3 +315,67 @@ def test_a_driver_error_in_the_common_case_is_sqlalchemys_and_rolls_everything_b
     assert _series_rows(db)["1.5"][:3] == (2, 0, at(30))
     (job,) = [j for j in db.list_jobs() if j.series_instance_uid == "1.5"]
     assert job.source_instances == 2
+
+
+def test_the_driver_path_reconnects_after_the_server_dropped_its_connections(
+    pg_url: str,
+) -> None:
+    """PostgreSQL ends every session (a restart, a failover, an admin): the pooled
+    connections the driver path takes are checked before use, and the next instance is
+    recorded on a new one."""
+    from sqlalchemy import create_engine, text
+
+    upgrade(pg_url)
+    db = Database(pg_url)
+    admin = create_engine(pg_url)
+    try:
+        assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+        assert db.record_instance(inst("1.5", 2), ["a"], now=at(11))  # the driver path
+        with admin.connect() as conn:
+            ended = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+        assert ended and ended >= 1
+        assert db.record_instance(inst("1.5", 3), ["a"], now=at(12))
+        assert _series_rows(db)["1.5"][:3] == (3, 0, at(12))
+    finally:
+        admin.dispose()
+        db.close()
+
+
+def test_a_connection_lost_inside_the_driver_path_is_sqlalchemys_error_and_replaced(
+    pg_url: str,
+) -> None:
+    """The session ends between the statements and the commit (here: ended by the
+    server from ``before_commit``): OperationalError, as through SQLAlchemy; nothing
+    recorded; the connection is invalidated and the next instance gets a new one."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    upgrade(pg_url)
+    db = Database(pg_url)
+    admin = create_engine(pg_url)
+
+    def end_every_session() -> None:
+        with admin.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+
+    try:
+        assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+        with pytest.raises(OperationalError) as raised:
+            db.record_instance(inst("1.5", 2), ["a"], now=at(11), before_commit=end_every_session)
+        assert raised.value.connection_invalidated
+        assert db.record_instance(inst("1.5", 3), ["a"], now=at(12))
+        assert _series_rows(db)["1.5"][:3] == (2, 0, at(12))  # 1.5.2 was not recorded
+        assert db.instance_path("1.5.2") is None
+    finally:
+        admin.dispose()
+        db.close()

@@ -370,11 +370,27 @@ class Intake(Store):
         move on. The driver's errors are raised as SQLAlchemy's."""
         skipped = inst.skip_reason is not None
         dialect = self.engine.dialect
-        raw = self.engine.raw_connection()
-        cursor = raw.cursor()
+        dbapi_error = dialect.loaded_dbapi.Error
         statement: _DriverStatement | None = None
         params: Any = None
-        committed = False
+
+        def as_sqlalchemy(exc: Exception, invalidated: bool = False) -> BaseException:
+            return DBAPIError.instance(
+                None if statement is None else statement.sql,
+                None if statement is None else params,
+                exc,
+                dbapi_error,
+                hide_parameters=self.engine.hide_parameters,
+                connection_invalidated=invalidated,
+                dialect=dialect,
+            )
+
+        try:
+            raw = self.engine.raw_connection()
+        except dbapi_error as exc:  # the pool's connect: not wrapped by SQLAlchemy
+            raise as_sqlalchemy(exc) from exc
+        cursor: Any = None
+        committed = invalidated = False
 
         def run(this: _DriverStatement, values: Mapping[str, Any]) -> Any:
             nonlocal statement, params
@@ -383,6 +399,7 @@ class Intake(Store):
             return cursor
 
         try:
+            cursor = raw.cursor()
             if self.driver_begin is not None:
                 cursor.execute(self.driver_begin)
             row = run(
@@ -404,27 +421,20 @@ class Intake(Store):
             raw.commit()
             committed = True
             return True
-        except dialect.loaded_dbapi.Error as exc:
+        except dbapi_error as exc:
             invalidated = dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
-            if invalidated:
+            if invalidated:  # the pool replaces the connection; nothing to roll back
                 raw.invalidate(exc)
-            raise DBAPIError.instance(
-                None if statement is None else statement.sql,
-                params if statement is not None else None,
-                exc,
-                dialect.loaded_dbapi.Error,
-                hide_parameters=self.engine.hide_parameters,
-                connection_invalidated=invalidated,
-                dialect=dialect,
-            ) from exc
+            raise as_sqlalchemy(exc, invalidated) from exc
         finally:
             try:
-                if not committed:
-                    with contextlib.suppress(dialect.loaded_dbapi.Error):
+                if not committed and not invalidated:
+                    with contextlib.suppress(dbapi_error):
                         raw.rollback()
             finally:
-                with contextlib.suppress(dialect.loaded_dbapi.Error):
-                    cursor.close()
+                if cursor is not None and not invalidated:
+                    with contextlib.suppress(dbapi_error):
+                        cursor.close()
                 raw.close()
 
     def _record_any_case(
