@@ -327,3 +327,22 @@ def test_run_cascade_garbage_geometry_header_is_an_input_error(
     ds["Rows"] = pydicom.DataElement(0x00280010, "SQ", pydicom.Sequence([]))
     with pytest.raises(InputError):
         run_cascade([ds], cascade)
+
+
+def test_a_corrupt_pixel_element_vr_is_sized_by_its_file_then_refused_clearly(
+    tmp_path: Path,
+) -> None:
+    """The receiver reads the header up to the pixel data, so an instance whose pixel
+    element's VR is corrupt is stored; sizing the derived series falls back to the file's
+    size (it raised NotImplementedError, which failed the job as an internal error), and
+    decoding refuses the instance with an InputError that names it."""
+    from ldct_node.service.worker import _series_bytes
+
+    (path,) = make_ct_series(tmp_path, n=1, size=32)
+    data = path.read_bytes()
+    at = data.rfind(b"\xe0\x7f\x10\x00")
+    path.write_bytes(data[: at + 4] + b"O\xbc" + data[at + 6 :])
+    ds = pydicom.dcmread(path)
+    assert _series_bytes([ds], [path]) == path.stat().st_size
+    with pytest.raises(InputError, match="pixel data element cannot be read"):
+        decode_hu(ds)

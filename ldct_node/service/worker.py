@@ -493,6 +493,9 @@ def _instance_bytes(ds: Dataset) -> int:
     if rows < 1 or cols < 1 or rows * cols > MAX_SLICE_PIXELS:
         raise ValueError(f"{rows}x{cols} pixels is not a slice the node takes")
     frames = max(int(ds.get("NumberOfFrames") or 1), 1)
-    pixel_bytes = len(ds.PixelData) if "PixelData" in ds and ds.PixelData else 0
+    try:
+        pixel_bytes = len(ds.PixelData) if "PixelData" in ds and ds.PixelData else 0
+    except (NotImplementedError, KeyError) as exc:  # e.g. a corrupt VR: decoding refuses it
+        raise ValueError("the pixel data element cannot be read") from exc
     frames = min(frames, max(pixel_bytes, 1))
     return rows * cols * frames * 2 + HEADER_BYTES
