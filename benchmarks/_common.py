@@ -413,10 +413,21 @@ def pid_with_argument(argument: str) -> int:
     return found[0]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces), from field 3 on."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults served without I/O a process has taken so far (Linux /proc): mostly
+    fresh pages of memory the C library took from the system."""
+    return int(_stat_fields(pid)[7])
 
 
 ORTHANC_BIN = shutil.which("Orthanc") or (

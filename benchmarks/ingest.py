@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +52,7 @@ from _common import (  # noqa: E402
     durable_write_ms,
     interleaved,
     machine_info,
+    minor_faults,
     need_tools,
     node_process,
     orthanc_process,
@@ -297,9 +299,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if with_orthanc:
             best["orthanc"] = float("inf")
         limits: list[dict[str, float]] = []
+        receiver: list[tuple[float, float]] = []  # (CPU ms, minor faults) an instance
         for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
-            with node_process(work / f"node-{rep}", role="receiver") as (port, _log):
+            folder = work / f"node-{rep}"
+            with node_process(folder, role="receiver") as (port, _log):
+                pid = pid_with_argument(str(folder / "config.toml"))
+                cpu0, faults0 = cpu_seconds(pid), minor_faults(pid)
                 best["ldct-node"] = min(best["ldct-node"], storescu(port, "LDCT_NODE", files))
+                receiver.append(
+                    (
+                        1000 * (cpu_seconds(pid) - cpu0) / len(files),
+                        (minor_faults(pid) - faults0) / len(files),
+                    )
+                )
             with node_process(work / f"many-{rep}", role="receiver") as (port, _log):
                 elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                 best[many] = min(best[many], elapsed)
@@ -370,6 +382,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         per_instance = 1000 * best["ldct-node"] / len(files)
         print(f"  over the network: {per_instance:.2f} ms per instance in all")
+        receiver_cpu = statistics.median(cpu for cpu, _ in receiver)
+        receiver_faults = statistics.median(faults for _, faults in receiver)
+        print(
+            f"  the receiver, one association: {receiver_cpu:.2f} ms of CPU and "
+            f"{receiver_faults:.0f} minor page faults per instance (medians of the repeats)"
+        )
         idle = idle_cpu_percent(work / "idle", args.associations, args.idle_seconds)
         print(
             f"receiver CPU with {args.associations} idle associations: {idle:.1f} % of a core "
@@ -386,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "handler_ms_per_instance": steps,
             "header_read_ms": header,
             "intake_cpu_ms": intake,
+            "receiver_cpu_ms_per_instance": receiver_cpu,
+            "receiver_minor_faults_per_instance": receiver_faults,
             "idle_cpu_percent": idle,
         }
         report("ingest", result, args.json)

@@ -177,6 +177,7 @@ def serve(
     Stops cleanly on SIGTERM or SIGINT (a running job goes back to the queue).
     """
     with command_errors():
+        from ldct_node.malloc import keep_receive_buffers_resident
         from ldct_node.model.manifest import WeightsError
         from ldct_node.service.node import Node, NodeStartError
 
@@ -185,6 +186,8 @@ def serve(
             logging.DEBUG if STATE["debug"] else logging.WARNING
         )
         settings = settings_from(config)
+        if role is not Role.WORKER:
+            keep_receive_buffers_resident()  # process-wide: here, where the process starts
         node = Node(settings, role=role)
 
         def ready(running: Node) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ldct_node.malloc import huge_pages_in_use
+from ldct_node.malloc import M_MMAP_THRESHOLD, huge_pages_in_use, mallopt
 from ldct_node.model.manifest import (
     MANIFEST_NAME,
     STAGE_OUTPUTS,
@@ -195,7 +195,6 @@ def resident_bytes() -> int:
 #: Allocations at least this large get their own mapping, returned to the system when
 #: freed (glibc's ``M_MMAP_THRESHOLD``, fixed instead of its default sliding threshold).
 LARGE_ALLOCATION_BYTES = 1 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 _large_allocations_returned = False
 
 
@@ -213,19 +212,7 @@ def return_large_allocations_to_the_system() -> bool:
     global _large_allocations_returned
     if _large_allocations_returned:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        logger.debug("mallopt is not available; large allocations follow the libc default")
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _large_allocations_returned = bool(mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES))
+    _large_allocations_returned = mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
     return _large_allocations_returned
 
 
