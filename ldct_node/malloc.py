@@ -176,12 +176,14 @@ def keep_receive_buffers_resident() -> bool:
     512x512 slice) in the receiving thread. With glibc's sliding thresholds that memory
     went back to the system after each instance in some receiver processes and not in
     others (chance: the order of the first frees): those took ~350 fresh-page faults an
-    instance, 0.6-0.7 ms of CPU, where the others took 2. Fixed thresholds
+    instance, 0.5-1.1 ms more CPU, where the others took 2. Fixed thresholds
     (:data:`RECEIVE_MMAP_THRESHOLD`, :data:`RECEIVE_TRIM_THRESHOLD`) make every receiver
-    the second kind; at most the trim threshold stays resident per arena. Call it once
-    at the start of a receiving process; the inference's memory budget may lower the
-    mmap threshold afterwards (its activations are larger anyway). Returns whether
-    both settings took.
+    the second kind. At most the trim threshold stays resident per arena; both values lie
+    below where glibc's sliding thresholds may climb (32 MiB and twice that).
+
+    Call it once at the start of a receiving process; the inference's memory budget may
+    lower the mmap threshold afterwards (its activations are larger anyway). Returns
+    whether both settings took.
     """
     mmap_set = mallopt(M_MMAP_THRESHOLD, RECEIVE_MMAP_THRESHOLD)
     trim_set = mallopt(M_TRIM_THRESHOLD, RECEIVE_TRIM_THRESHOLD)
