@@ -1,4 +1,5 @@
-"""Huge pages for inference's large buffers: when the node re-executes itself for them."""
+"""The allocator settings: when the node re-executes itself with huge pages for inference's
+large buffers, and the receiver's buffers kept for reuse."""
 
 from __future__ import annotations
 
