@@ -341,12 +341,14 @@ def node_process(
     destinations: list[dict[str, Any]] | None = None,
     receivers: int = 1,
     role: str = "all",
+    metrics_port: int | None = None,
 ) -> Iterator[tuple[int, Path]]:
     """``ldct-node serve`` in a subprocess on a free port; yields (port, log file).
 
     ``role`` is the first process's (``receiver``: no model is loaded). With
     ``receivers`` > 1, that many processes listen on the port (``node.reuse_port``), the
-    others as ``serve --role receiver``.
+    others as ``serve --role receiver``. ``metrics_port``: the first process serves its
+    Prometheus metrics there.
     """
     import tomli_w
 
@@ -366,6 +368,8 @@ def node_process(
     }
     if destinations:
         config["destinations"] = destinations
+    if metrics_port is not None:
+        config["metrics"] = {"enabled": True, "host": LOOPBACK, "port": metrics_port}
     path = folder / "config.toml"
     path.write_bytes(tomli_w.dumps(config).encode())
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}

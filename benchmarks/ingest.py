@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from _common import (  # noqa: E402
+    LOOPBACK,
     ORTHANC_BIN,
     cpu_seconds,
     durable_write_ms,
+    free_port,
     interleaved,
     machine_info,
     minor_faults,
@@ -247,6 +250,26 @@ def idle_cpu_percent(folder: Path, associations: int, seconds: float) -> float:
     return 100.0 * used / seconds
 
 
+def intake_commits(metrics_port: int) -> tuple[float, float]:
+    """The receiver's intake commits so far and the instances they recorded (from its
+    Prometheus endpoint): more instances than commits where associations were
+    committed together."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return (
+        values.get("ldct_node_intake_commits_total", 0.0),
+        values.get("ldct_node_intake_committed_instances_total", 0.0),
+    )
+
+
 def concurrent_storescu(port: int, ae_title: str, files: list[Path], n: int) -> float:
     """Send ``files`` split over ``n`` storescu processes at once; wall time of all."""
     chunks = [files[i::n] for i in range(n)]
@@ -300,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             best["orthanc"] = float("inf")
         limits: list[dict[str, float]] = []
         receiver: list[tuple[float, float]] = []  # (CPU ms, minor faults) an instance
+        per_commit: list[float] = []  # instances per intake commit, concurrent associations
         for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
             folder = work / f"node-{rep}"
             with node_process(folder, role="receiver") as (port, _log):
@@ -312,9 +336,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         (minor_faults(pid) - faults0) / len(files),
                     )
                 )
-            with node_process(work / f"many-{rep}", role="receiver") as (port, _log):
+            metrics = free_port()
+            with node_process(work / f"many-{rep}", role="receiver", metrics_port=metrics) as (
+                port,
+                _log,
+            ):
                 elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                 best[many] = min(best[many], elapsed)
+                commits, committed = intake_commits(metrics)
+                per_commit.append(committed / commits if commits else float("nan"))
             if args.receivers > 1:
                 with node_process(
                     work / f"shared-{rep}", receivers=args.receivers, role="receiver"
@@ -388,6 +418,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  the receiver, one association: {receiver_cpu:.2f} ms of CPU and "
             f"{receiver_faults:.0f} minor page faults per instance (medians of the repeats)"
         )
+        grouped = statistics.median(per_commit)
+        print(
+            f"  the receiver, {args.associations} associations in one process: "
+            f"{grouped:.2f} instances per intake commit (group commit; median of the repeats)"
+        )
         idle = idle_cpu_percent(work / "idle", args.associations, args.idle_seconds)
         print(
             f"receiver CPU with {args.associations} idle associations: {idle:.1f} % of a core "
@@ -406,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "intake_cpu_ms": intake,
             "receiver_cpu_ms_per_instance": receiver_cpu,
             "receiver_minor_faults_per_instance": receiver_faults,
+            "instances_per_intake_commit_concurrent": grouped,
             "idle_cpu_percent": idle,
         }
         report("ingest", result, args.json)

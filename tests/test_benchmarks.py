@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -97,6 +98,11 @@ def test_ingest_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         *(["node_vs_orthanc"] if orthanc else []),
     }  # fmt: skip
     assert set(result["handler_ms_per_instance"]) >= {"parse header", "fsync wait + rename"}
+    # Read from the receiver's /metrics: NaN where no instance took the common case (4
+    # images, one per association: each may be its series' first).
+    per_commit = result["instances_per_intake_commit_concurrent"]
+    assert math.isnan(per_commit) or 1.0 <= per_commit <= 4.0
+    assert "instances per intake commit" in printed
     header = result["header_read_ms"]
     assert set(header) == {"fast read", "pydicom"} and all(ms > 0 for ms in header.values())
     assert "header read + what the handler reads from it: fast" in printed

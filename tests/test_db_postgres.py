@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -379,3 +379,117 @@ def test_a_connection_lost_inside_the_driver_path_is_sqlalchemys_error_and_repla
     finally:
         admin.dispose()
         db.close()
+
+
+def _held_batch(
+    db: Database,
+    followers: list[ReceivedInstance],
+    fail_before_commit: frozenset[str] = frozenset(),
+    leader_number: int = 100,
+) -> tuple[dict[str, object], dict[str, int], int]:
+    """Record instance ``leader_number`` of series 1.5, whose ``before_commit`` holds its
+    transaction until ``followers``, each recorded in a thread of its own, are all waiting
+    for the group commit; then let them go. Returns each follower's result (what
+    ``record_instance`` returned or raised), the thread each follower's ``before_commit``
+    ran in, and how many threads the followers ran in."""
+    import threading
+    import time
+
+    holding = threading.Event()
+    ran_in: dict[str, int] = {}
+    results: dict[str, object] = {}
+    idents: dict[str, int] = {}
+
+    def hold() -> None:
+        holding.set()
+        deadline = time.monotonic() + 30
+        while len(db._group._queue) < len(followers):  # type: ignore[attr-defined]
+            if time.monotonic() > deadline:
+                raise TimeoutError("the followers did not queue up")
+            time.sleep(0.002)
+
+    def noted(uid: str) -> Callable[[], None]:
+        def before_commit() -> None:
+            ran_in[uid] = threading.get_ident()
+            if uid in fail_before_commit:
+                raise OSError(f"{uid}: the disk refused")
+
+        return before_commit
+
+    def follow(follower: ReceivedInstance) -> None:
+        uid = follower.sop_instance_uid
+        idents[uid] = threading.get_ident()
+        try:
+            results[uid] = db.record_instance(follower, ["a"], now=at(20), before_commit=noted(uid))
+        except Exception as exc:
+            results[uid] = exc
+
+    leader = threading.Thread(
+        target=db.record_instance, args=(inst("1.5", leader_number), ["a"], at(15), hold)
+    )
+    leader.start()
+    assert holding.wait(30)
+    threads = [threading.Thread(target=follow, args=(f,)) for f in followers]
+    for thread in threads:
+        thread.start()
+    for thread in (leader, *threads):
+        thread.join(60)
+    return results, ran_in, len(set(idents.values()))
+
+
+def test_concurrent_instances_are_committed_together_in_one_transaction(db: Database) -> None:
+    """Instances that arrive while another's transaction is under way wait for it, then
+    are recorded in one transaction by one of their threads (group commit): each
+    ``before_commit`` runs there, each gets its own result, the rows are as one by one."""
+    assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+    assert db.record_instance(inst("1.6", 1), ["a"], now=at(10))
+    followers = [inst("1.5", i) for i in range(2, 6)] + [inst("1.6", 2), inst("1.6", 3)]
+    results, ran_in, n_threads = _held_batch(db, followers)
+    assert n_threads == len(followers)
+    assert results == {f.sop_instance_uid: True for f in followers}
+    # All six before_commit callbacks ran in one thread: one transaction, one commit.
+    assert len(set(ran_in.values())) == 1 and set(ran_in) == {f.sop_instance_uid for f in followers}
+    rows = _series_rows(db)
+    assert rows["1.5"][:3] == (6, 0, at(20)) and rows["1.6"][:3] == (3, 0, at(20))
+    stored = _stored_instance_rows(db)
+    assert {f"1.5.{i}" for i in (1, 2, 3, 4, 5, 100)} | {"1.6.1", "1.6.2", "1.6.3"} == set(stored)
+    jobs = {j.series_instance_uid: j.source_instances for j in db.list_jobs()}
+    assert jobs == {"1.5": 6, "1.6": 3}
+
+
+def test_in_a_batch_an_instance_that_is_not_the_common_case_goes_its_own_way(
+    db: Database,
+) -> None:
+    """A duplicate, a new series, a job that moves on, a row the database refuses, a
+    ``before_commit`` that raises: each is rolled back to its own savepoint (or the batch
+    as a whole, for ``before_commit``) and recorded, refused or raised on its own path,
+    with the result it would have had alone; the others are recorded."""
+    from sqlalchemy.exc import IntegrityError
+
+    assert db.record_instance(inst("1.5", 1), ["a"], now=at(10))
+    assert db.record_instance(inst("1.5", 2), ["a"], now=at(10))
+    followers = [
+        inst("1.5", 3),
+        inst("1.5", 2),  # a duplicate
+        inst("1.7", 1),  # a new series
+        replace(inst("1.5", 4), sop_class_uid=None),  # type: ignore[arg-type]  # NOT NULL
+        inst("1.5", 5),
+    ]
+    results, ran_in, _ = _held_batch(db, followers)
+    assert results["1.5.3"] is True and results["1.5.5"] is True
+    assert results["1.5.2"] is False
+    assert results["1.7.1"] is True
+    assert isinstance(results["1.5.4"], IntegrityError)
+    assert ran_in["1.5.3"] == ran_in["1.5.5"]  # committed together
+    assert _series_rows(db)["1.5"][:2] == (5, 0)  # 1, 2, 3, 5 and the leader's 100
+    assert _series_rows(db)["1.7"][0] == 1
+    assert db.instance_path("1.5.4") is None
+
+    # before_commit raising in a batch: nothing of the batch is committed by it; the
+    # others are recorded on their own, the one whose disk refused raises its error.
+    results, _, _ = _held_batch(
+        db, [inst("1.5", 6), inst("1.5", 7)], frozenset({"1.5.7"}), leader_number=101
+    )
+    assert results["1.5.6"] is True
+    assert isinstance(results["1.5.7"], OSError)
+    assert db.instance_path("1.5.6") is not None and db.instance_path("1.5.7") is None

@@ -299,6 +299,10 @@ def test_metrics_endpoint_counts_a_round_trip(setup: Setup, tmp_path: Path) -> N
         ("ldct_node_job_latency_seconds_count", (("profile", "denoised"),)): 1,
         ("ldct_node_job_latency_seconds_count", (("profile", "blend30"),)): 1,
         ("ldct_node_jobs", (("state", "done"),)): 2,
+        # The series' first instance makes it (not the common case), the next two are
+        # each committed alone: one association sends one instance at a time.
+        ("ldct_node_intake_commits_total", ()): 2,
+        ("ldct_node_intake_committed_instances_total", ()): 2,
     }
 
     def deltas() -> dict[Any, float]:

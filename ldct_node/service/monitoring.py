@@ -22,6 +22,10 @@ metric                                         meaning
 ``ldct_node_job_processing_seconds``           histogram: claim -> derived series written
 ``ldct_node_job_latency_seconds``              histogram: claim -> delivered everywhere
 ``ldct_node_jobs``                             gauge: jobs by ``state`` (from the database)
+``ldct_node_intake_commits_total``             the receiver's transactions that recorded
+                                               instances of known series (one commit can
+                                               hold several associations' instances)
+``ldct_node_intake_committed_instances_total`` the instances those transactions recorded
 =============================================  =============================================
 """
 
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ldct_node.config import Settings
@@ -117,6 +121,26 @@ class _JobStateCollector(Collector):
         yield family
 
 
+class _IntakeCommitCollector(Collector):
+    """The intake's group commit counts (:meth:`ldct_node.store.Database.intake_commits`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        commits, instances = self.db.intake_commits()
+        yield CounterMetricFamily(
+            "ldct_node_intake_commits",
+            "Receiver transactions that recorded instances of known series",
+            value=commits,
+        )
+        yield CounterMetricFamily(
+            "ldct_node_intake_committed_instances",
+            "Instances recorded by those transactions",
+            value=instances,
+        )
+
+
 @dataclass
 class MetricsServer:
     """A running ``/metrics`` endpoint; :meth:`stop` it at shutdown."""
@@ -148,6 +172,7 @@ def start_metrics_server(settings: Settings, db: Database) -> MetricsServer:
     registry = CollectorRegistry()
     registry.register(_Shared())
     registry.register(_JobStateCollector(db))
+    registry.register(_IntakeCommitCollector(db))
     server, thread = start_http_server(
         settings.metrics.port, addr=settings.metrics.host, registry=registry
     )

@@ -55,6 +55,9 @@ associations, the scheduler, an admin CLI in another process) queue on the lock 
 of failing on a read-to-write upgrade; job claims are additionally guarded by
 ``UPDATE ... WHERE state = 'queued'`` and its row count, which is also what keeps them
 exclusive on PostgreSQL (where the candidate is picked with ``FOR UPDATE SKIP LOCKED``).
+Instances that threads of one process record at the same time (several associations)
+are committed together, each under a savepoint of its own: one transaction and one
+commit for all that arrived while the one before was committing (group commit).
 
 Several processes on one database (scale-out)
     A claimed job is leased to its worker (``worker_id``, ``lease_expires_at``); the
