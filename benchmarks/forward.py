@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         elapsed = send(port, ae_title, files)
                     key = f"{sender} -> {receiver}"
                     best[key] = min(best.get(key, float("inf")), elapsed)
-                    shutil.rmtree(folder, ignore_errors=True)
+                    # The folder stays until the end: deleting it would make the next
+                    # receiver's file creations dearer (see ingest.py).
         rates = {name: len(files) / seconds for name, seconds in best.items()}
         for name, rate in rates.items():
             print(f"{name:26s} {rate:8.1f} images/s")
