@@ -32,6 +32,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from _common import (  # noqa: E402
     LOOPBACK,
     ORTHANC_BIN,
+    drop_caches,
     machine_info,
     need_tools,
     orthanc_process,
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also send over this many associations at once (a destination's associations)",
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc receiver")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the page cache before each receiver starts (root; steadier on a VM)",
+    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for receiver, (start, ae_title) in receivers.items():
                 for sender, send in senders.items():
                     folder = work / f"{receiver}-{sender}-{rep}"
+                    drop_caches(args.drop_caches, files)
                     with start(folder) as port:
                         elapsed = send(port, ae_title, files)
                     key = f"{sender} -> {receiver}"

@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     LOOPBACK,
     ORTHANC_BIN,
     cpu_seconds,
+    drop_caches,
     durable_write_ms,
     free_port,
     interleaved,
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--idle-seconds", type=float, default=10.0, help="how long idle CPU use is measured"
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the page cache before each receiver starts (root; steadier on a VM)",
+    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -326,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_commit: list[float] = []  # instances per intake commit, concurrent associations
         for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
             folder = work / f"node-{rep}"
+            drop_caches(args.drop_caches, files)
             with node_process(folder, role="receiver") as (port, _log):
                 pid = pid_with_argument(str(folder / "config.toml"))
                 cpu0, faults0 = cpu_seconds(pid), minor_faults(pid)
@@ -337,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 )
             metrics = free_port()
+            drop_caches(args.drop_caches, files)
             with node_process(work / f"many-{rep}", role="receiver", metrics_port=metrics) as (
                 port,
                 _log,
@@ -346,19 +354,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 commits, committed = intake_commits(metrics)
                 per_commit.append(committed / commits if commits else float("nan"))
             if args.receivers > 1:
+                drop_caches(args.drop_caches, files)
                 with node_process(
                     work / f"shared-{rep}", receivers=args.receivers, role="receiver"
                 ) as (port, _):
                     elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                     best[shared] = min(best[shared], elapsed)
+            drop_caches(args.drop_caches, files)
             with storescp(work / f"scp-{rep}" / "in") as port:
                 best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
+            drop_caches(args.drop_caches, files)
             with storescp(work / f"scp-{rep}" / "in", ignore=True) as port:
                 elapsed = storescu(port, "PACS", files)
                 best["storescp --ignore"] = min(best["storescp --ignore"], elapsed)
             if with_orthanc:
+                drop_caches(args.drop_caches, files)
                 with orthanc_process(work / f"orthanc-{rep}") as port:
                     best["orthanc"] = min(best["orthanc"], storescu(port, "ORTHANC", files))
+            drop_caches(args.drop_caches, files)
             limits.append(durable_write_ms(files, work / f"disk-{rep}"))
             # Every run's files stay until the end (--repeats x ~6 x the series on disk):
             # where ext4 runs without a journal, creating a file scans past the inodes
