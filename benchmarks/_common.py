@@ -9,6 +9,7 @@ each: noise from other processes only ever adds time.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -144,25 +145,26 @@ def write_series(folder: Path, n: int, size: int, *, seed: int = 0) -> list[Path
     )
 
 
-def drop_caches(enabled: bool, keep: list[Path]) -> None:
-    """Write back and drop the page cache before a timed run, when ``enabled`` (root
-    only; ``--drop-caches``), then read ``keep`` (the files to be sent) back into it. On
-    a VM whose memory the host backs on first touch, a page cache growing into memory
-    untouched since boot makes every write dearer: one association into the node
-    428 -> 341 -> 307 images/s over three runs in a row on the 2-core EPYC, 554 -> 564
-    -> 584 with the cache dropped before each."""
-    if not enabled:
-        return
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError as exc:
-        raise SystemExit(
-            f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({exc.strerror}); "
-            "run as root or leave it out"
-        ) from exc
-    for path in keep:
-        path.read_bytes()
+def prefault_memory(gib: float) -> float:
+    """Touch ``gib`` GiB of anonymous memory once, then give it back; the seconds it took.
+
+    On a VM whose memory the host backs only on first touch, a page cache that grows
+    during the runs into memory untouched since boot makes every write dearer (~13 us a
+    4 KiB page on the 2-core EPYC VM: ~1.7 ms for a 512 KB instance), and each run is
+    slower than the one before (one association into the node 428 -> 341 -> 307
+    images/s in three runs in a row; 546 -> 519 -> 526 after touching 18 GiB first).
+    """
+    if gib <= 0:
+        return 0.0
+    start = time.perf_counter()
+    size = int(gib * (1 << 30))
+    page = mmap.PAGESIZE
+    with mmap.mmap(-1, size) as memory:
+        chunk = 1 << 20
+        for offset in range(0, size, chunk):
+            end = min(offset + chunk, size)
+            memory[offset:end:page] = b"\1" * len(range(offset, end, page))
+    return time.perf_counter() - start
 
 
 def free_port() -> int:

@@ -32,10 +32,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from _common import (  # noqa: E402
     LOOPBACK,
     ORTHANC_BIN,
-    drop_caches,
     machine_info,
     need_tools,
     orthanc_process,
+    prefault_memory,
     report,
     storescp,
     storescu,
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc receiver")
     parser.add_argument(
-        "--drop-caches",
-        action="store_true",
-        help="drop the page cache before each receiver starts (root; steadier on a VM)",
+        "--prefault-gb",
+        type=float,
+        default=0.0,
+        help="touch this much memory once before the runs (steadier on a VM; see _common)",
     )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ldct-forward-", dir=args.workdir))
     try:
         files = write_series(work / "source", args.images, args.size)
+        if args.prefault_gb > 0:
+            took = prefault_memory(args.prefault_gb)
+            print(f"touched {args.prefault_gb:g} GiB of memory first ({took:.1f} s)")
         mbytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "
@@ -106,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for receiver, (start, ae_title) in receivers.items():
                 for sender, send in senders.items():
                     folder = work / f"{receiver}-{sender}-{rep}"
-                    drop_caches(args.drop_caches, files)
                     with start(folder) as port:
                         elapsed = send(port, ae_title, files)
                     key = f"{sender} -> {receiver}"

@@ -51,7 +51,6 @@ from _common import (  # noqa: E402
     LOOPBACK,
     ORTHANC_BIN,
     cpu_seconds,
-    drop_caches,
     durable_write_ms,
     free_port,
     interleaved,
@@ -61,6 +60,7 @@ from _common import (  # noqa: E402
     node_process,
     orthanc_process,
     pid_with_argument,
+    prefault_memory,
     report,
     storescp,
     storescu,
@@ -297,9 +297,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
     parser.add_argument(
-        "--drop-caches",
-        action="store_true",
-        help="drop the page cache before each receiver starts (root; steadier on a VM)",
+        "--prefault-gb",
+        type=float,
+        default=0.0,
+        help="touch this much memory once before the runs (steadier on a VM; see _common)",
     )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -310,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ldct-ingest-", dir=args.workdir))
     try:
         files = write_series(work / "source", args.images, args.size)
+        if args.prefault_gb > 0:
+            took = prefault_memory(args.prefault_gb)
+            print(f"touched {args.prefault_gb:g} GiB of memory first ({took:.1f} s)")
         mbytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "
@@ -332,7 +336,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_commit: list[float] = []  # instances per intake commit, concurrent associations
         for rep in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
             folder = work / f"node-{rep}"
-            drop_caches(args.drop_caches, files)
             with node_process(folder, role="receiver") as (port, _log):
                 pid = pid_with_argument(str(folder / "config.toml"))
                 cpu0, faults0 = cpu_seconds(pid), minor_faults(pid)
@@ -344,7 +347,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 )
             metrics = free_port()
-            drop_caches(args.drop_caches, files)
             with node_process(work / f"many-{rep}", role="receiver", metrics_port=metrics) as (
                 port,
                 _log,
@@ -354,24 +356,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 commits, committed = intake_commits(metrics)
                 per_commit.append(committed / commits if commits else float("nan"))
             if args.receivers > 1:
-                drop_caches(args.drop_caches, files)
                 with node_process(
                     work / f"shared-{rep}", receivers=args.receivers, role="receiver"
                 ) as (port, _):
                     elapsed = concurrent_storescu(port, "LDCT_NODE", files, args.associations)
                     best[shared] = min(best[shared], elapsed)
-            drop_caches(args.drop_caches, files)
             with storescp(work / f"scp-{rep}" / "in") as port:
                 best["storescp"] = min(best["storescp"], storescu(port, "PACS", files))
-            drop_caches(args.drop_caches, files)
             with storescp(work / f"scp-{rep}" / "in", ignore=True) as port:
                 elapsed = storescu(port, "PACS", files)
                 best["storescp --ignore"] = min(best["storescp --ignore"], elapsed)
             if with_orthanc:
-                drop_caches(args.drop_caches, files)
                 with orthanc_process(work / f"orthanc-{rep}") as port:
                     best["orthanc"] = min(best["orthanc"], storescu(port, "ORTHANC", files))
-            drop_caches(args.drop_caches, files)
             limits.append(durable_write_ms(files, work / f"disk-{rep}"))
             # Every run's files stay until the end (--repeats x ~6 x the series on disk):
             # where ext4 runs without a journal, creating a file scans past the inodes
