@@ -9,7 +9,6 @@ each: noise from other processes only ever adds time.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -143,28 +142,6 @@ def write_series(folder: Path, n: int, size: int, *, seed: int = 0) -> list[Path
         patient_name="Bench^Mark",
         patient_id="BENCH0001",
     )
-
-
-def prefault_memory(gib: float) -> float:
-    """Touch ``gib`` GiB of anonymous memory once, then give it back; the seconds it took.
-
-    On a VM whose memory the host backs only on first touch, a page cache that grows
-    during the runs into memory untouched since boot makes every write dearer (~13 us a
-    4 KiB page on the 2-core EPYC VM: ~1.7 ms for a 512 KB instance), and each run is
-    slower than the one before (one association into the node 428 -> 341 -> 307
-    images/s in three runs in a row; 546 -> 519 -> 526 after touching 18 GiB first).
-    """
-    if gib <= 0:
-        return 0.0
-    start = time.perf_counter()
-    size = int(gib * (1 << 30))
-    page = mmap.PAGESIZE
-    with mmap.mmap(-1, size) as memory:
-        chunk = 1 << 20
-        for offset in range(0, size, chunk):
-            end = min(offset + chunk, size)
-            memory[offset:end:page] = b"\1" * len(range(offset, end, page))
-    return time.perf_counter() - start
 
 
 def free_port() -> int:

@@ -35,7 +35,6 @@ from _common import (  # noqa: E402
     machine_info,
     need_tools,
     orthanc_process,
-    prefault_memory,
     report,
     storescp,
     storescu,
@@ -72,12 +71,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also send over this many associations at once (a destination's associations)",
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc receiver")
-    parser.add_argument(
-        "--prefault-gb",
-        type=float,
-        default=0.0,
-        help="touch this much memory once before the runs (steadier on a VM; see _common)",
-    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -85,9 +78,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ldct-forward-", dir=args.workdir))
     try:
         files = write_series(work / "source", args.images, args.size)
-        if args.prefault_gb > 0:
-            took = prefault_memory(args.prefault_gb)
-            print(f"touched {args.prefault_gb:g} GiB of memory first ({took:.1f} s)")
         mbytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "

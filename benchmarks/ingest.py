@@ -60,7 +60,6 @@ from _common import (  # noqa: E402
     node_process,
     orthanc_process,
     pid_with_argument,
-    prefault_memory,
     report,
     storescp,
     storescu,
@@ -296,12 +295,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--idle-seconds", type=float, default=10.0, help="how long idle CPU use is measured"
     )
     parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc anchor")
-    parser.add_argument(
-        "--prefault-gb",
-        type=float,
-        default=0.0,
-        help="touch this much memory once before the runs (steadier on a VM; see _common)",
-    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -311,9 +304,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ldct-ingest-", dir=args.workdir))
     try:
         files = write_series(work / "source", args.images, args.size)
-        if args.prefault_gb > 0:
-            took = prefault_memory(args.prefault_gb)
-            print(f"touched {args.prefault_gb:g} GiB of memory first ({took:.1f} s)")
         mbytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} images of {args.size}x{args.size} ({mbytes:.0f} MB), "
