@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from ldct_node.malloc import huge_pages_in_use
     from ldct_node.model.cascade import Cascade
+    from ldct_node.model.fused import native_dilation
 
     backend = keras.backend.backend()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -220,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"backend {backend}, device {device_name(args.device)}, {args.size}x{args.size} slices, "
         f"malloc huge pages {'on' if huge_pages_in_use() else 'off'}"
+        + (
+            f", dilated convolutions {'native' if native_dilation() else 'by space-to-batch'}"
+            if backend == "tensorflow"
+            else ""
+        )
     )
 
     cascades: dict[tuple[str, str], Cascade] = {}

@@ -13,10 +13,13 @@ from pydicom.data import get_testdata_file
 from ldct_node.dicom.io import decode_hu
 from ldct_node.model.cascade import Cascade
 from ldct_node.model.fused import (
+    _conv_op,
     batch_bucket,
     compile_cascade,
+    cpu_has_avx512,
     fold_drl,
     head_taps,
+    native_dilation,
     shape_specialised,
 )
 from ldct_node.model.networks import build_cnn10, build_drl
@@ -60,8 +63,20 @@ def test_fused_float32_matches_keras(
 
 def test_batch_norm_statistics_are_folded(untrained_weights: Path) -> None:
     # Non-trivial moving statistics make a wrong fold visible.
-    net = build_drl()
+    net = _drl_with_statistics(1)
     rng = np.random.default_rng(1)
+    zero = build_drl(residual=False)  # second network: predicts no difference
+    fn = compile_cascade(net, zero)
+    assert fn is not None
+    x = rng.uniform(0.2, 0.4, (2, 33, 47, 1)).astype(np.float32)
+    expected = np.asarray(net.predict_on_batch(x))
+    np.testing.assert_allclose(fn(x), expected, atol=2e-5)
+
+
+def _drl_with_statistics(seed: int) -> object:
+    """A DRL whose batch norms and head are not the untrained identity/zero."""
+    net = build_drl()
+    rng = np.random.default_rng(seed)
     for layer in net.layers:
         if layer.name.endswith("_bn"):
             gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
@@ -76,12 +91,56 @@ def test_batch_norm_statistics_are_folded(untrained_weights: Path) -> None:
     head = net.get_layer("conv7")
     kernel, bias = head.get_weights()
     head.set_weights([rng.uniform(-0.05, 0.05, kernel.shape).astype(np.float32), bias])
-    zero = build_drl(residual=False)  # second network: predicts no difference
-    fn = compile_cascade(net, zero)
+    return net
+
+
+@pytest.mark.parametrize("dilation", ["native", "space_to_batch"])
+def test_both_ways_of_dilating_compute_the_keras_drl(dilation: str) -> None:
+    """Natively (AVX-512) or by space-to-batch (AVX2 only): the same convolutions, on
+    odd image sizes too (space-to-batch pads them to a multiple of the dilation)."""
+    net = _drl_with_statistics(11)
+    fn = compile_cascade(net, build_drl(residual=False), dilation=dilation)
     assert fn is not None
-    x = rng.uniform(0.2, 0.4, (2, 33, 47, 1)).astype(np.float32)
+    x = np.random.default_rng(2).uniform(0.2, 0.4, (2, 33, 47, 1)).astype(np.float32)
     expected = np.asarray(net.predict_on_batch(x))
+    assert float(np.abs(expected - x).max()) > 0.01
     np.testing.assert_allclose(fn(x), expected, atol=2e-5)
+
+
+def test_space_to_batch_dilation_builds_a_dense_convolution_of_the_sub_images() -> None:
+    import tensorflow as tf
+
+    kernel = tf.constant(np.ones((3, 3, 4, 4), np.float32))
+    bias = tf.zeros([4])
+    spec = tf.TensorSpec([1, 16, 16, 4], tf.float32)
+    for native, expected in ((True, set()), (False, {"SpaceToBatchND", "BatchToSpaceND"})):
+        conv = _conv_op("tensorflow", native)
+        graph = tf.function(lambda x, conv=conv: conv(x, kernel, bias, 2))
+        types = {op.type for op in graph.get_concrete_function(spec).graph.get_operations()}
+        assert types & {"SpaceToBatchND", "BatchToSpaceND"} == expected
+    # Dilation 1 is a plain convolution either way.
+    conv = _conv_op("tensorflow", False)
+    graph = tf.function(lambda x: conv(x, kernel, bias, 1))
+    types = {op.type for op in graph.get_concrete_function(spec).graph.get_operations()}
+    assert "SpaceToBatchND" not in types and "Conv2D" in types
+
+
+def test_dilation_is_native_only_where_onednn_may_use_avx512(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    avx2 = "processor : 0\nflags : fpu sse4_2 avx avx2 fma\n"
+    avx512 = "processor : 0\nflags : fpu avx2 fma avx512f avx512bw avx512_bf16\n"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert not cpu_has_avx512(avx2)
+    assert cpu_has_avx512(avx512)
+    assert cpu_has_avx512("no flags line")  # unknown: as before, native
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_avx512(avx512)  # oneDNN is capped below AVX-512
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
+    assert cpu_has_avx512(avx512) and not cpu_has_avx512(avx2)
+    assert native_dilation("native") and not native_dilation("space_to_batch")
+    with pytest.raises(ValueError, match="dilation"):
+        native_dilation("sideways")
 
 
 def test_other_architectures_fall_back_to_keras() -> None:
