@@ -136,8 +136,9 @@ def test_dilation_is_native_only_where_onednn_may_use_avx512(
     assert cpu_has_avx512("no flags line")  # unknown: as before, native
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not cpu_has_avx512(avx512)  # oneDNN is capped below AVX-512
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_amx")
-    assert cpu_has_avx512(avx512) and not cpu_has_avx512(avx2)
+    for cap in ("avx512_core_amx", "AVX10_1_512", "ALL"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu_has_avx512(avx512) and not cpu_has_avx512(avx2)
     assert native_dilation("native") and not native_dilation("space_to_batch")
     with pytest.raises(ValueError, match="dilation"):
         native_dilation("sideways")

@@ -171,8 +171,9 @@ def fold_drl(model: Any) -> FoldedDRL | None:
 #: How the TensorFlow graph runs a dilated convolution (``compile_cascade(dilation=)``).
 DILATIONS = ("auto", "native", "space_to_batch")
 
-#: oneDNN's ISA names at or above AVX-512 (``ONEDNN_MAX_CPU_ISA`` caps what it uses).
-_AVX512_ISAS = ("AVX512", "AMX", "ALL")
+#: oneDNN's ISA names at or above AVX-512 (``ONEDNN_MAX_CPU_ISA`` caps what it uses):
+#: AVX512_CORE..., AVX10_1_512..., ALL (its default).
+_AVX512_ISAS = ("AVX512", "AVX10", "AMX", "ALL")
 
 
 def cpu_has_avx512(cpuinfo: str | None = None) -> bool:
