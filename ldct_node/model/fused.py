@@ -211,11 +211,12 @@ def _conv_op(backend: str, native: bool = True) -> Callable[..., Any]:
         import tensorflow as tf
 
         def tf_conv(x: Any, kernel: Any, bias: Any, dilation: int) -> Any:
-            # tf.nn.conv2d takes the dilation natively (oneDNN), unlike tf.nn.convolution;
-            # Conv2D + BiasAdd (+ Relu) is then rewritten into one fused oneDNN op.
             if dilation > 1 and not native:
+                # SpaceToBatch, a dense convolution of the sub-images, BatchToSpace.
                 dense = tf.nn.convolution(x, kernel, 1, "SAME", dilations=dilation)
                 return tf.nn.bias_add(dense, bias)
+            # tf.nn.conv2d takes the dilation natively (oneDNN), unlike tf.nn.convolution;
+            # Conv2D + BiasAdd (+ Relu) is then rewritten into one fused oneDNN op.
             return tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME", dilations=dilation), bias)
 
         return tf_conv

@@ -475,8 +475,8 @@ class Intake(Store):
         """The common case's statements through ``run``; False where the instance is not
         the common case (what they did must then be rolled back)."""
         skipped = inst.skip_reason is not None
-        row = run(driver.count[skipped], {"series_uid": inst.series_instance_uid, "now": now})
-        row = row.fetchone()
+        params = {"series_uid": inst.series_instance_uid, "now": now}
+        row = run(driver.count[skipped], params).fetchone()
         if row is None:
             return False
         series_id = int(row[0])
